@@ -1,0 +1,75 @@
+"""The math of HDPO, as pure tensor functions (no I/O, no model).
+
+- `leave_one_out_advantages`: GRPO advantages from a group's binary rewards (PAPER.md step 2).
+- `grpo_token_loss_sum`: the PPO-clipped surrogate summed over tokens; the caller divides by the global
+  token count, so the loss does not depend on how a batch is split over ranks or micro-batches (step 3).
+- `topk_jsd`: the 1/2-weighted Jensen-Shannon divergence between the teacher's top-k distribution
+  (truncated, renormalised) and the student's full distribution, with the closed-form tail (step 6).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, normalize: bool = True, leave_one_out: bool = True,
+                             eps: float = 1e-6) -> torch.Tensor:
+    """rewards [G, K] -> advantages [G, K].
+
+    Baseline of rollout i: the mean of the other K-1 rewards of its group (or of all K). With `normalize`,
+    divided by the group's sample std (NeMo-RL's `normalize_rewards`). A group with equal rewards gets
+    exactly zero advantages either way: the cliff that HDPO fills in.
+    """
+    rewards = rewards.to(torch.float32)
+    k = rewards.shape[-1]
+    total = rewards.sum(-1, keepdim=True)
+    baseline = (total - rewards) / (k - 1) if leave_one_out else total / k
+    adv = rewards - baseline
+    if normalize:
+        std = rewards.std(-1, keepdim=True)  # unbiased, as torch.std
+        adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
+    return adv
+
+
+def grpo_token_loss_sum(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2) -> torch.Tensor:
+    """Sum over valid tokens of -min(r A, clip(r, 1-eps_lo, 1+eps_hi) A), r = exp(logp - logp_old).
+
+    logprobs/old_logprobs/mask: [B, T]; advantages: [B] (one per sequence, broadcast over its tokens).
+    Divide the result by the number of valid tokens of the *whole* batch (all ranks, all micro-batches).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(-1).to(logprobs.dtype)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv)
+    return -(surrogate * mask).sum()
+
+
+def topk_jsd(teacher_topk_logprobs: torch.Tensor, student_logprobs_at_topk: torch.Tensor) -> torch.Tensor:
+    """Per-position JSD_k between the truncated teacher and the full student, [..., k] -> [...].
+
+    teacher_topk_logprobs: the teacher's log-probs of its k most likely tokens (any normalisation: they are
+      renormalised over the k tokens here, which is the truncation). No gradient flows into them.
+    student_logprobs_at_topk: the student's full-vocabulary log-probs, gathered at the teacher's top-k ids.
+
+    With P the truncated teacher, Q the student, M = (P+Q)/2:
+      JSD = 1/2 KL(P||M) + 1/2 KL(Q||M)
+          = 1/2 sum_top-k [P log(P/M) + Q log(Q/M)] + 1/2 * Q_rest * ln 2,
+    because outside the top-k set P = 0, so M = Q/2 there and Q log(Q/M) = Q ln 2 (Q_rest = 1 - sum_top-k Q).
+    The paper writes the tail as Q_rest * ln 2; we keep the standard 1/2 weighting, so JSD <= ln 2.
+    """
+    log_p = torch.log_softmax(teacher_topk_logprobs.detach().float(), dim=-1)
+    log_q = student_logprobs_at_topk.float()
+    log_m = torch.logaddexp(log_p, log_q) - LN2
+    p, q = log_p.exp(), log_q.exp()
+    inside = p * (log_p - log_m) + q * (log_q - log_m)
+    q_rest = (1.0 - q.sum(-1)).clamp_min(0.0)
+    return 0.5 * inside.sum(-1) + 0.5 * q_rest * LN2
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full log-softmax: logits [..., V], ids [..., n]."""
+    logits = logits.float()
+    return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
