@@ -76,6 +76,9 @@ class HDPOConfig:
     teacher: Literal["drifting", "frozen"] = "drifting"
     privileged_info: Literal["solution", "answer"] = "solution"
     privileged_rollouts_per_prompt: Optional[int] = None  # None: = num_generations_per_prompt (K)
+    # Who samples the privileged rollouts: the paper's step 5 writes pi_theta (the policy); "teacher" samples
+    # them from the teacher's weights (differs only for the frozen teacher).
+    privileged_sampler: Literal["policy", "teacher"] = "policy"
     max_cliff_prompts_per_step: int = 32
     cliff_reward_sum: float = 0.0  # a prompt is a cliff when its K rewards sum to at most this
     teacher_min_reward: float = 1.0  # privileged rollouts kept when their reward is at least this
@@ -119,6 +122,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     save_period: int = 50
+    keep_best: bool = True  # keep the policy of the best validation step (for benchmark evaluation)
+    best_metric: str = "pass@1"  # validation metric that picks the best checkpoint
     dir: Optional[str] = None  # None: <run dir>/../../checkpoints/<run name>, outside Snakemake's outputs
 
 

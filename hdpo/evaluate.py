@@ -1,0 +1,100 @@
+"""Scoring a model on a problem set: n samples per problem (unbiased pass@k) and greedy accuracy.
+
+`score_problems` is shared by the validation pass inside training and by `hdpo evaluate` on benchmarks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from hdpo.config import Config
+from hdpo.data import Problem, build_messages, read_problems, render_prompt
+from hdpo.generation import Generator, Sampling
+from hdpo.io import write_json, write_jsonl
+from hdpo.passk import mean_pass_at_k
+from hdpo.reward import RewardScorer
+
+log = logging.getLogger(__name__)
+
+
+def eval_sampling(cfg: Config) -> tuple[Sampling, Sampling]:
+    max_new = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens or cfg.model.max_total_sequence_length
+    sampled = Sampling(cfg.eval.temperature, cfg.eval.top_p, max_new)
+    return sampled, Sampling(max_new_tokens=max_new, greedy=True)
+
+
+def score_problems(problems: list[Problem], generator: Generator, tokenizer, scorer: RewardScorer,
+                   cfg: Config) -> tuple[dict, list[dict]]:
+    """-> (summary with pass@k, greedy_acc and counts, one record per problem)."""
+    t0 = time.time()
+    n = cfg.eval.num_samples
+    sampled, greedy = eval_sampling(cfg)
+    prompts = [render_prompt(tokenizer, build_messages(p, cfg.data.system_prompt)) for p in problems]
+    samples = generator.generate(prompts, n, sampled)
+    texts = [r.text for group in samples for r in group]
+    golds = [p.answer for p in problems for _ in range(n)]
+    scores = scorer.score_with_status(texts, golds)
+    greedy_out: list = []
+    greedy_scores: list = []
+    if cfg.eval.greedy:
+        greedy_out = [g[0] for g in generator.generate(prompts, 1, greedy)]
+        greedy_scores = scorer.score_with_status([r.text for r in greedy_out], [p.answer for p in problems])
+
+    records, counts = [], []
+    for i, p in enumerate(problems):
+        mine = scores[i * n:(i + 1) * n]
+        counts.append(sum(int(r == 1.0) for r, _ in mine))
+        rec = {"id": p.id, "answer": p.answer, "num_correct": counts[-1],
+               "samples": [{"text": r.text, "reward": s, "status": st, "tokens": len(r.response_ids),
+                            "finished": r.finished} for r, (s, st) in zip(samples[i], mine)]}
+        if greedy_out:
+            s, st = greedy_scores[i]
+            rec["greedy"] = {"text": greedy_out[i].text, "reward": s, "status": st}
+        records.append(rec)
+    summary = {"num_problems": len(problems), "num_samples": n, "temperature": cfg.eval.temperature,
+               **summarise(counts, [rec.get("greedy", {}).get("reward") for rec in records], n, cfg.eval.pass_k),
+               "seconds": round(time.time() - t0, 2)}
+    return summary, records
+
+
+def summarise(correct_counts: list[int], greedy_rewards: list[Optional[float]], n: int, ks: list[int]) -> dict:
+    """pass@k from per-problem correct counts (possibly gathered from several ranks) and greedy accuracy."""
+    out = mean_pass_at_k(correct_counts, n, ks) if correct_counts else {f"pass@{k}": float("nan") for k in ks}
+    given = [g for g in greedy_rewards if g is not None]
+    out["greedy_acc"] = sum(given) / len(given) if given else None
+    return out
+
+
+def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data_dir: str | Path,
+                        out_json: str | Path) -> dict:
+    """`hdpo evaluate`: a saved policy on one prepared benchmark -> summary JSON + per-problem records."""
+    from hdpo.generation import make_generator
+    from hdpo.models import load_model, load_tokenizer
+
+    problems = read_problems(Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl")
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), cfg.model.dtype)
+    gen = make_generator(cfg.generation.backend, model, tok, cfg.generation.batch_size,
+                         cfg.model.max_total_sequence_length, cfg.generation.gpu_memory_utilization)
+    log.info("evaluating %s on %s (%d problems x %d samples + greedy)", model_dir, benchmark, len(problems),
+             cfg.eval.num_samples)
+    with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s) as scorer:
+        summary, records = score_problems(problems, gen, tok, scorer, cfg)
+        reward_stats = scorer.stats.as_dict()
+    meta = _model_meta(model_dir)
+    result = {**meta, "benchmark": benchmark, **summary, "reward_stats": reward_stats}
+    out_json = Path(out_json)
+    write_jsonl(out_json.with_name(out_json.stem + ".samples.jsonl.gz"), records)
+    write_json(out_json, result)
+    log.info("%s: %s", benchmark, {k: v for k, v in result.items() if k.startswith(("pass@", "greedy"))})
+    return result
+
+
+def _model_meta(model_dir: str | Path) -> dict:
+    """Run, method, seed, checkpoint and step as recorded beside the saved policy by the trainer."""
+    import json
+
+    meta_path = Path(model_dir) / "hdpo_meta.json"
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {"model": str(model_dir)}

@@ -1,0 +1,120 @@
+import os
+import threading
+import time
+
+import pytest
+
+from hdpo.reward import RewardScorer, score_one
+
+CASES = [  # (response, gold, expected reward)
+    ("So the total is \\boxed{145}.", "145", 1.0),
+    ("\\boxed{\\frac{14}{3}}", "\\frac{14}{3}", 1.0),
+    ("the answer is \\boxed{0.5}", "\\frac12", 1.0),
+    ("We get $x = 7$, so the answer is \\boxed{7}", "7", 1.0),
+    ("\\boxed{146}", "145", 0.0),
+    ("\\boxed{\\frac{3}{14}}", "\\frac{14}{3}", 0.0),
+    ("I am not sure how to solve this.", "145", 0.0),
+    ("Final answer: \\boxed{12}", "\\boxed{12}", 1.0),  # gold already boxed
+]
+
+
+def mixed_batch(n: int = 50):
+    items = [CASES[i % len(CASES)] for i in range(n)]
+    # make items differ so a reordering would show
+    items += [(f"\\boxed{{{i}}}", str(i if i % 3 else i + 1), float(i % 3 != 0)) for i in range(n)]
+    return items
+
+
+def hang_on_gold(response, gold, timeout_s):
+    """Injected pool task: hangs on one item, like a math-verify call stuck in C code."""
+    if gold == "HANG":
+        time.sleep(60)
+    return score_one(response, gold, timeout_s)
+
+
+def crash_on_gold(response, gold, timeout_s):
+    """Injected pool task: kills its worker on one item, like a segfault in native code."""
+    if gold == "CRASH":
+        os._exit(1)
+    return score_one(response, gold, timeout_s)
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    with RewardScorer(workers=2, timeout_s=5) as scorer:
+        yield scorer
+
+
+@pytest.mark.parametrize("response,gold,expected", CASES)
+def test_score_one(response, gold, expected):
+    reward, status = score_one(response, gold, 5)
+    assert reward == expected
+    assert status == ("correct" if expected else ("no_answer" if "not sure" in response else "wrong"))
+
+
+def test_plain_integer_gold_and_statuses():
+    assert score_one("\\boxed{42}", "42", 5) == (1.0, "correct")
+    assert score_one("The result is 42", "42", 5) == (1.0, "correct")
+    assert score_one("", "42", 5) == (0.0, "no_answer")
+    assert score_one(None, "42", 5) == (0.0, "no_answer")
+    assert score_one("\\boxed{42}", "", 5) == (0.0, "gold_unparseable")
+
+
+def test_fractional_timeout_still_scores():
+    # math-verify's alarm takes whole seconds; a float would make it fail silently
+    assert score_one("\\boxed{145}", "145", 0.3) == (1.0, "correct")
+
+
+def test_no_answer_counts_as_parse_failure():
+    scorer = RewardScorer(workers=0)
+    assert scorer.score(["no numbers here", "\\boxed{3}"], ["3", "3"]) == [0.0, 1.0]
+    assert scorer.stats.as_dict() == {"scored": 2, "correct": 1, "parse_failures": 1, "gold_unparseable": 0,
+                                      "timeouts": 0, "errors": 0}
+
+
+def test_pool_preserves_order_and_matches_in_process(pooled):
+    items = mixed_batch()
+    responses, golds, expected = zip(*items)
+    in_process = RewardScorer(workers=0).score_with_status(list(responses), list(golds))
+    before = pooled.stats.scored
+    in_pool = pooled.score_with_status(list(responses), list(golds))
+    assert [r for r, _ in in_pool] == list(expected)
+    assert in_pool == in_process
+    assert pooled.stats.scored - before == len(items)
+
+
+def test_scoring_from_a_thread(pooled):
+    items = mixed_batch(16)
+    responses, golds, expected = map(list, zip(*items))
+    out = {}
+
+    def run():
+        out["pool"] = pooled.score(responses, golds)
+        out["inline"] = RewardScorer(workers=0).score(responses, golds)  # alarms off, with a warning
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert out["pool"] == expected
+    assert out["inline"] == expected
+
+
+def test_hung_worker_scores_timeout_and_pool_recovers():
+    responses = ["\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{5}", "\\boxed{4}"]
+    golds = ["1", "2", "HANG", "4", "4"]
+    with RewardScorer(workers=2, timeout_s=5, guard_s=1.0, _task=hang_on_gold) as scorer:
+        t0 = time.monotonic()
+        out = scorer.score_with_status(responses, golds)
+        assert time.monotonic() - t0 < 30
+        assert out == [(1.0, "correct"), (1.0, "correct"), (0.0, "timeout"), (0.0, "wrong"), (1.0, "correct")]
+        assert scorer.stats.timeouts == 1 and scorer.stats.scored == 5
+        assert scorer.score(["\\boxed{9}"], ["9"]) == [1.0]  # rebuilt pool works
+
+
+def test_crashing_worker_scores_error_and_others_survive():
+    with RewardScorer(workers=1, timeout_s=5, _task=crash_on_gold) as scorer:
+        scorer.score(["\\boxed{0}"], ["0"])  # workers warmed up: a crash now is the item's, not the startup's
+        out = scorer.score_with_status(["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"], ["1", "CRASH", "3"])
+        assert out == [(1.0, "correct"), (0.0, "error"), (1.0, "correct")]
+        assert scorer.stats.errors == 1
+        assert scorer.score(["\\boxed{9}"], ["9"]) == [1.0]

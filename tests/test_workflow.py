@@ -1,0 +1,402 @@
+"""The Snakemake workflow: lint, config schema, the paper's job grid, targets, resources, and which jobs rerun
+on which change (on a stub `hdpo` CLI, so no model runs). The end-to-end run on real code is a separate test.
+
+Every Snakemake call runs in a temporary working directory (`--directory`), so results/ of the checkout never
+changes what a dry-run lists.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import typing
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from hdpo import config as hdpo_config
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+PAPER_CONFIG = REPO / "config" / "config.yaml"
+BIN = Path(sys.executable).parent
+SNAKEMAKE = [str(BIN / "snakemake")] if (BIN / "snakemake").exists() else [sys.executable, "-m", "snakemake"]
+PAPER_METHODS = ["grpo", "hdpo_frozen_lambda0.01", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.01",
+                 "hdpo_drifting_lambda0.1"]
+
+
+def snakemake(workdir: Path, *args: str, snakefile: Path = SNAKEFILE, check: bool = True) -> str:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # jobs run `python`
+    args = list(args)
+    if "--configfile" in args:  # it takes several values: keep it last, after the targets
+        i = args.index("--configfile")
+        args = args[:i] + args[i + 2:] + args[i:i + 2]
+    proc = subprocess.run([*SNAKEMAKE, "-s", str(snakefile), "--directory", str(workdir), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return out if check else (proc.returncode, out)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry-run: rule -> number of jobs ({} when nothing is to be done)."""
+    counts, in_table = {}, False
+    for line in out.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            m = re.match(r"^(\S+)\s+(\d+)\s*$", line)
+            if m and m.group(1) != "total":
+                counts[m.group(1)] = int(m.group(2))
+            elif line.startswith("total"):
+                break
+    return counts
+
+
+def dry_run(workdir: Path, configfile: Path, *targets: str, extra: tuple = ()) -> dict[str, int]:
+    return job_counts(snakemake(workdir, "-n", "--cores", "4", "--configfile", str(configfile), *extra, *targets))
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def paper_config() -> dict:
+    return yaml.safe_load(PAPER_CONFIG.read_text())
+
+
+# --- lint and schema ----------------------------------------------------------------------------------------------
+
+def test_lint_is_clean(tmp_path):
+    code, out = snakemake(tmp_path, "--lint", "--configfile", str(PAPER_CONFIG), check=False)
+    assert code == 0 and "Congratulations" in out, out
+
+
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def test_schema_accepts_the_paper_config():
+    jsonschema.validate(paper_config(), _schema())
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda c: c["grpo"].__setitem__("num_prompt_per_step", 32), "num_prompt_per_step"),  # typo
+    (lambda c: c.__setitem__("optimiser", {"lr": 1e-6}), "optimiser"),  # unknown section
+    (lambda c: c["grpo"].__setitem__("max_num_steps", "many"), "many"),  # bad type
+    (lambda c: c["experiment"].__setitem__("methods", ["grpo", "hdpo_warm_lambda0.1"]), "hdpo_warm_lambda0.1"),
+    (lambda c: c["resources"]["train"].__setitem__("gpus", 8), "gpus"),
+])
+def test_schema_rejects_bad_configs(mutate, where):
+    cfg = paper_config()
+    mutate(cfg)
+    with pytest.raises(jsonschema.ValidationError) as err:
+        jsonschema.validate(cfg, _schema())
+    assert where in str(err.value.message) or where in str(list(err.value.path))
+
+
+def _dataclass_fields(tp) -> set[str]:
+    return {f.name for f in dataclasses.fields(tp)}
+
+
+def test_schema_mirrors_the_typed_config():
+    """Every section and key of hdpo.config.Config is in the schema and vice versa (no drift)."""
+    schema = _schema()
+    props = schema["properties"]
+    assert set(props) - {"resources"} == _dataclass_fields(hdpo_config.Config) - {"resources"}
+    hints = typing.get_type_hints(hdpo_config.Config)
+    for name in _dataclass_fields(hdpo_config.Config):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and name != "resources":
+            assert set(props[name]["properties"]) == _dataclass_fields(tp), name
+            assert props[name]["additionalProperties"] is False, name
+    assert set(schema["$defs"]["dataset"]["properties"]) == _dataclass_fields(hdpo_config.DatasetSpec)
+
+
+@pytest.mark.xfail(not hasattr(hdpo_config.Config(), "resources"), strict=True,
+                   reason="hdpo.config.Config has no `resources` section yet: the CLI cannot read config/config.yaml")
+def test_paper_config_loads_in_the_typed_config():
+    hdpo_config.load_config(PAPER_CONFIG)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["grpo"].__setitem__("num_prompt_per_step", 32), "num_prompt_per_step"),
+    (lambda c: c["eval"].__setitem__("num_samples", "eight"), "eight"),
+    (lambda c: c["eval"].__setitem__("pass_k", [1, 4, 16]), "eval.pass_k"),  # value check of hdpo.config
+])
+def test_bad_config_stops_snakemake_before_any_job(tmp_path, mutate, message):
+    cfg = paper_config()
+    mutate(cfg)
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    code, out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(path), check=False)
+    assert code != 0
+    assert message in out
+    assert "Job stats" not in out
+
+
+def test_config_overrides_on_the_command_line_are_refused(tmp_path):
+    code, out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(PAPER_CONFIG),
+                          "--config", "seed=1", check=False)
+    assert code != 0 and "--configfile" in out
+
+
+# --- the grid ---------------------------------------------------------------------------------------------------
+
+def test_paper_grid(tmp_path):
+    counts = dry_run(tmp_path, PAPER_CONFIG)
+    assert counts == {"prepare_data": 1, "train": 5, "evaluate": 5 * 3 * 2, "tables": 1, "figures": 1, "all": 1}
+
+
+def test_method_targets_build_only_that_method(tmp_path):
+    counts = dry_run(tmp_path, PAPER_CONFIG, "hdpo_drifting_lambda0.1")
+    assert counts == {"prepare_data": 1, "train": 1, "evaluate": 3 * 2, "hdpo_drifting_lambda0.1": 1}
+    out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(PAPER_CONFIG), "grpo")
+    assert "wildcards: method=grpo, seed=42" in out
+    assert "method=hdpo" not in out
+
+
+def test_group_targets(tmp_path):
+    assert dry_run(tmp_path, PAPER_CONFIG, "lambda_sweep")["train"] == 5
+    cfg = paper_config()
+    cfg["experiment"]["methods"] = ["grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1",
+                                    "hdpo_drifting_lambda0.5"]
+    path = write_config(tmp_path / "c.yaml", cfg)
+    out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(path), "teacher_ablation")
+    trained = set(re.findall(r"wildcards: method=(\S+), seed=", out))
+    assert trained == {"grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1"}  # 0.5 has no frozen pair
+
+
+def test_every_rule_and_target_is_listed(tmp_path):
+    out = snakemake(tmp_path, "--list-rules", "--configfile", str(PAPER_CONFIG))
+    rules = set(out.split())
+    assert {"all", "prepare_data", "train", "evaluate", "tables", "figures", "lambda_sweep",
+            "teacher_ablation", *PAPER_METHODS} <= rules
+
+
+def test_more_seeds_benchmarks_and_methods_add_jobs(tmp_path):
+    cfg = paper_config()
+    cfg["experiment"]["seeds"] = [42, 43]
+    counts = dry_run(tmp_path, write_config(tmp_path / "seeds.yaml", cfg))
+    assert counts["train"] == 10 and counts["evaluate"] == 60
+    cfg["experiment"]["methods"].append("hdpo_frozen_lambda0.5")
+    cfg["experiment"]["benchmarks"] = ["math500"]
+    counts = dry_run(tmp_path, write_config(tmp_path / "more.yaml", cfg))
+    assert counts["train"] == 12 and counts["evaluate"] == 6 * 2 * 1 * 2
+    assert "rule hdpo_frozen_lambda0.5" in snakemake(
+        tmp_path, "-n", "--cores", "1", "--configfile", str(tmp_path / "more.yaml"), "hdpo_frozen_lambda0.5")
+
+
+def _job_blocks(out: str, rule: str) -> list[str]:
+    return re.findall(rf"^(?:local)?rule {re.escape(rule)}:\n(.*?)(?=^\S|\Z)", out, flags=re.M | re.S)
+
+
+def test_train_jobs_ask_for_8_gpus_under_torchrun(tmp_path):
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(PAPER_CONFIG))
+    blocks = _job_blocks(out, "train")
+    assert len(blocks) == 5
+    for block in blocks:
+        assert re.search(r"resources: .*\bgpu=8\b", block), block
+    assert out.count("torchrun --standalone --nproc_per_node=8 -m hdpo train") == 5
+    for block in _job_blocks(out, "evaluate"):
+        assert re.search(r"resources: .*\bgpu=1\b", block), block
+    # a smaller machine scales the job down (and the launcher with it)
+    out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "4", "--resources", "gpu=1",
+                    "--configfile", str(PAPER_CONFIG))
+    assert "python -m hdpo train" in out and "torchrun" not in out
+
+
+def test_cpu_config_trains_without_torchrun(tmp_path):
+    cfg = paper_config()
+    cfg["resources"]["train"]["gpu"] = 0
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile",
+                    str(write_config(tmp_path / "cpu.yaml", cfg)), "grpo")
+    assert "python -m hdpo train --config" in out and "torchrun" not in out
+
+
+def test_gpu_jobs_without_a_gpu_limit_stop_before_running(tmp_path):
+    """`snakemake --cores all` on one machine with GPU jobs and no `gpu` limit would start them all at once."""
+    code, out = snakemake(tmp_path, "--cores", "1", "--configfile", str(PAPER_CONFIG), "prepare_data", check=False)
+    assert code != 0 and "--resources gpu=" in out
+    assert not (tmp_path / "results" / "logs" / "prepare_data.log").exists()
+
+
+# --- caching: which jobs rerun on which change (stub CLI, real workflow and report code) ---------------------------
+
+STUB_CLI = '''
+"""A stand-in for the hdpo CLI with the same arguments: writes plausible outputs instantly."""
+import argparse, gzip, json, math, os, sys
+from pathlib import Path
+import yaml
+from hdpo.config import Config, from_dict
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command")
+    for name in ("prepare-data", "train", "evaluate", "report"):
+        p = sub.add_parser(name)
+        if name == "report":
+            p.add_argument("what")
+        p.add_argument("--config"); p.add_argument("--set", nargs="*", default=[])
+        for opt in ("--out", "--method", "--seed", "--data", "--run-dir", "--work-dir", "--model", "--benchmark",
+                    "--results"):
+            p.add_argument(opt)
+        p.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    data = yaml.safe_load(open(a.config))
+    if "resources" not in Config.__dataclass_fields__:
+        data.pop("resources", None)
+    cfg = from_dict(data)
+    with open(os.environ["HDPO_STUB_CALLS"], "a") as fh:
+        fh.write(" ".join([a.command] + [str(x) for x in (getattr(a, "what", None), a.method, a.seed, a.model,
+                                                           a.benchmark) if x]) + "\\n")
+    if a.command == "prepare-data":
+        out = Path(a.out)
+        (out / "benchmarks").mkdir(parents=True, exist_ok=True)
+        for f in ("train.jsonl", "val.jsonl"):
+            (out / f).write_text('{"id": "1", "problem": "1+1", "answer": "2"}\\n')
+        for b in cfg.experiment.benchmarks:
+            (out / "benchmarks" / f"{b}.jsonl").write_text('{"id": "1"}\\n')
+        (out / "summary.json").write_text("{}")
+    elif a.command == "train":
+        run = Path(a.run_dir); run.mkdir(parents=True, exist_ok=True)
+        Path(a.work_dir).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for step in range(0, 21):
+            rows.append({"kind": "train", "step": step, "cliff_fraction": 0.2, "teacher_pass_rate": 0.4})
+            if step % 10 == 0:
+                rows.append({"kind": "val", "step": step, "val/pass@1": 0.5 + step / 100, "val/pass@2": 0.6,
+                             "val/greedy_acc": 0.5, "val/num_problems": 4, "val/num_samples": 2})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+        (run / "summary.json").write_text("{}")
+        (run / "config.yaml").write_text("{}")
+        for c in ("final", "best"):
+            (run / f"policy_{c}").mkdir(exist_ok=True)
+            (run / f"policy_{c}" / "model.safetensors").write_text("weights")
+    elif a.command == "evaluate":
+        out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"pass@1": 0.3, "pass@2": 0.4, "greedy_acc": 0.3, "num_problems": 1,
+                                   "num_samples": 2, "model_step": 20}))
+        with gzip.open(str(out)[:-5] + ".samples.jsonl.gz", "wt") as fh:
+            fh.write("{}\\n")
+    elif a.command == "report":
+        from hdpo import report
+        (report.write_tables if a.what == "tables" else report.write_figures)(cfg, Path(a.results), Path(a.out))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _tiny(**experiment) -> dict:
+    return {
+        "model": {"name": "tiny"},
+        "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 2, "max_num_steps": 20},
+        "eval": {"num_samples": 2, "pass_k": [1, 2], "val_period": 10},
+        "experiment": {"methods": ["grpo", "hdpo_frozen_lambda0.1"], "seeds": [1], "benchmarks": ["math500"],
+                       "checkpoints": ["final", "best"], "require_gpu": False, **experiment},
+        "resources": {"train": {"gpu": 0}, "evaluate": {"gpu": 0}},
+    }
+
+
+@pytest.fixture()
+def stub_repo(tmp_path):
+    """A copy of the workflow and the report code with a stub CLI: the real DAG, rules and caching."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "workflow", root / "workflow")
+    (root / "hdpo").mkdir()
+    for name in ("__init__.py", "__main__.py", "config.py", "io.py", "report.py", "paper.py", "plot_style.mplstyle"):
+        shutil.copy2(REPO / "hdpo" / name, root / "hdpo" / name)
+    (root / "hdpo" / "cli.py").write_text(textwrap.dedent(STUB_CLI))
+    (root / "hdpo" / "train.py").write_text("# the trainer (stand-in)\n")
+    (root / "config").mkdir()
+    write_config(root / "config" / "tiny.yaml", _tiny())
+    os.environ["HDPO_STUB_CALLS"] = str(root / "calls.txt")
+    yield root
+    os.environ.pop("HDPO_STUB_CALLS", None)
+
+
+def _edit(path: Path) -> None:
+    """Change the content (Snakemake ignores a newer file whose recorded checksum is unchanged)."""
+    with open(path, "a") as fh:
+        fh.write("\n# edited\n")
+
+
+def test_caching_and_reruns(stub_repo):
+    root = stub_repo
+    snakefile = root / "workflow" / "Snakefile"
+    tiny = root / "config" / "tiny.yaml"
+
+    def plan(configfile=tiny, *targets, extra=()):
+        return job_counts(snakemake(root, "-n", "--cores", "2", "--configfile", str(configfile), *extra, *targets,
+                                    snakefile=snakefile))
+
+    snakemake(root, "--cores", "2", "--configfile", str(tiny), snakefile=snakefile)
+    calls = (root / "calls.txt").read_text().splitlines()
+    assert sum(c.startswith("train") for c in calls) == 2 and sum(c.startswith("evaluate") for c in calls) == 4
+    for name in ("val_passk", "cliffs", "lambda_tradeoff", "benchmarks"):
+        assert (root / "figures" / f"{name}.png").stat().st_size > 0
+    assert "grpo" in (root / "results" / "tables" / "table1.csv").read_text()
+
+    assert plan() == {}  # a complete run: nothing to do
+    assert plan(tiny, "figures") == {}
+
+    # an equal config at another path reruns nothing (the path is not a rerun trigger, the content is)
+    same = write_config(root / "same.yaml", _tiny())
+    assert plan(same) == {}
+
+    # code edits: the trainer's module reruns nothing; the style file only figures; report.py both report rules
+    _edit(root / "hdpo" / "train.py")
+    assert plan() == {}
+    _edit(root / "hdpo" / "plot_style.mplstyle")
+    assert plan(tiny, "figures") == {"figures": 1}
+    assert plan() == {"figures": 1, "all": 1}
+    _edit(root / "hdpo" / "report.py")
+    assert plan() == {"tables": 1, "figures": 1, "all": 1}
+    snakemake(root, "--cores", "2", "--configfile", str(tiny), "figures", snakefile=snakefile)
+    assert plan() == {}
+
+    # the grid grows: only new jobs (plus the report)
+    assert plan(write_config(root / "seeds.yaml", _tiny(seeds=[1, 2]))) == {
+        "train": 2, "evaluate": 4, "tables": 1, "figures": 1, "all": 1}
+    # a new benchmark: new data files and evaluations, no retraining
+    assert plan(write_config(root / "bench.yaml", _tiny(benchmarks=["math500", "aime24"]))) == {
+        "prepare_data": 1, "evaluate": 4, "tables": 1, "figures": 1, "all": 1}
+    # a new method: its run only
+    assert plan(write_config(root / "method.yaml", _tiny(methods=["grpo", "hdpo_frozen_lambda0.1",
+                                                                  "hdpo_drifting_lambda0.1"]))) == {
+        "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
+
+    # hyperparameters: the learning rate retrains everything downstream; an HDPO-only knob spares GRPO
+    lr = _tiny()
+    lr["optimizer"] = {"lr": 2.0e-6}
+    assert plan(write_config(root / "lr.yaml", lr)) == {"train": 2, "evaluate": 4, "tables": 1, "figures": 1,
+                                                        "all": 1}
+    topk = _tiny()
+    topk["hdpo"] = {"topk_logits_k": 8}
+    out = snakemake(root, "-n", "--cores", "2", "--configfile", str(write_config(root / "topk.yaml", topk)),
+                    snakefile=snakefile)
+    assert job_counts(out)["train"] == 1 and "method=hdpo_frozen_lambda0.1" in out and "method=grpo" not in out
+    # evaluation settings rerun evaluations and training (validation runs inside training), not the data
+    ev = _tiny()
+    ev["eval"]["temperature"] = 0.6
+    assert plan(write_config(root / "eval.yaml", ev)) == {"train": 2, "evaluate": 4, "tables": 1, "figures": 1,
+                                                          "all": 1}
+    # forcing a retrain
+    assert plan(tiny, extra=("--forcerun", "train")) == {"train": 2, "evaluate": 4, "tables": 1, "figures": 1,
+                                                         "all": 1}
+
+    # deleting a run's outputs retrains that run only; the checkpoints folder (resume) is not an output
+    shutil.rmtree(root / "results" / "runs" / "grpo_seed1")
+    assert plan() == {"train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
+    assert (root / "results" / "checkpoints" / "grpo_seed1").is_dir()
