@@ -29,7 +29,7 @@ import pandas as pd
 
 from hdpo.config import Config, parse_method
 from hdpo.io import atomic_path, atomic_write_text
-from hdpo.paper import PAPER_RESULTS, PAPER_SEED, PAPER_SELECTION, SOURCES
+from hdpo.paper import PAPER_SEED, PAPER_SELECTION, SOURCES, paper_value
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def table1_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     for source in SOURCES:
         for method in cfg.experiment.methods:
             for metric in val_metrics(cfg):
-                value = PAPER_RESULTS.get(source, {}).get(method, {}).get(metric)
+                value = paper_value(source, method, metric)
                 if value is not None:
                     records.append({"method": method, "seed": PAPER_SEED, "source": source,
                                     "selection": PAPER_SELECTION, "metric": metric, "value": float(value),
@@ -432,15 +432,15 @@ def _table1_specs(cfg: Config, tidy: pd.DataFrame, info: dict) -> list[TableSpec
             f"problem, greedy acc. the greedy-decoding accuracy; ours: {seed_note}; paper: one seed (42), "
             f"{MISSING} where there is no number")
 
-    def rows(groups: list[tuple[str, list[str]]], keys: list[tuple[str, list[str]]]):
+    def rows(keys: list[tuple[str, list[str]]]):
         out = []
         for method in methods:
             row_cells = [cells.get((method, group, m)) for group, ms in keys for m in ms]
             out.append((method_label(method, "md"), method_label(method, "tex"), row_cells))
         return out
 
-    paper_cols = [(SOURCES[s].split(" (")[0].replace("paper ", "paper "), pass_metrics) for s in SOURCES]
-    best_groups = [("ours", [metric_label(m) for m in metrics])] + [(g, ms) for g, ms in paper_cols]
+    paper_cols = [(SOURCES[s].split(" (")[0], pass_metrics) for s in SOURCES]
+    best_groups = [("ours", [metric_label(m) for m in metrics])] + paper_cols
     best_keys = [("ours_best", metrics)] + [(s, pass_metrics) for s in SOURCES]
     diff_groups = [(f"ours − {SOURCES[s].split(' (')[0]}", pass_metrics) for s in SOURCES]
     diff_keys = [(f"diff_{s}", pass_metrics) for s in SOURCES]
@@ -449,11 +449,11 @@ def _table1_specs(cfg: Config, tidy: pd.DataFrame, info: dict) -> list[TableSpec
 
     specs = [
         TableSpec("Table 1: best validation pass@k over training, ours beside the paper", best_groups,
-                  rows(best_groups, best_keys), note),
+                  rows(best_keys), note),
         TableSpec("Table 1 (differences): ours (best over training) − paper", diff_groups,
-                  rows(diff_groups, diff_keys), "Positive: ours is higher"),
+                  rows(diff_keys), "Positive: ours is higher"),
         TableSpec("Table 1 (final step): validation pass@k at the last validation of training", final_groups,
-                  rows(final_groups, final_keys),
+                  rows(final_keys),
                   "The paper reports only the best value over training; this is the less optimistic selection"),
     ]
     # The step at which each best was reached (per seed), read from the same tidy frame.
@@ -530,8 +530,6 @@ def write_tables(cfg: Config, results_dir: str | Path, out_dir: str | Path) -> l
     atomic_write_text(out_dir / "benchmarks.tex", TEX_PREAMBLE + "\n".join(
         render_tex(s, f"tab:bench-{b}") for s, b in zip(bspecs, cfg.experiment.benchmarks)) or "% no benchmarks\n")
     written += [out_dir / f"benchmarks.{ext}" for ext in ("csv", "md", "tex")]
-    for p in written:
-        logger.info("wrote %s", p)
     return written
 
 
@@ -586,7 +584,7 @@ def _mean_band(frame: pd.DataFrame, value: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}).reset_index()
 
 
-def _legend_below(fig, axes, methods, styles, ncol: int) -> None:
+def _legend_below(fig, methods, styles, ncol: int) -> None:
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=styles[m]["color"], linestyle=styles[m]["linestyle"]) for m in methods]
     fig.legend(handles, [method_label(m) for m in methods], loc="lower center", ncol=ncol,
@@ -608,7 +606,8 @@ def _fig_val_passk(cfg: Config, results_dir: Path):
             if mine.empty:
                 continue
             band = _mean_band(mine, "value")
-            ax.plot(band["step"], band["mean"], **styles[method], label=method_label(method))
+            ax.plot(band["step"], band["mean"], **styles[method], label=method_label(method),
+                    marker="o" if len(band) <= 25 else None, markersize=2.5)
             if (band["n"] > 1).any():
                 ax.fill_between(band["step"], band["mean"] - band["std"].fillna(0), band["mean"] + band["std"].fillna(0),
                                 color=styles[method]["color"], alpha=0.15, linewidth=0)
@@ -618,7 +617,7 @@ def _fig_val_passk(cfg: Config, results_dir: Path):
         ax.set_xlabel("training step")
     axes[0].set_ylabel("pass@k (mean over problems)")
     n_seeds = len(cfg.experiment.seeds)
-    _legend_below(fig, axes, methods, styles, ncol=min(len(methods), 5))
+    _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
     fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
     if n_seeds > 1:
         fig.suptitle(f"mean over {n_seeds} seeds, band ± 1 std", fontsize=7, color="0.3")
@@ -660,7 +659,7 @@ def _fig_cliffs(cfg: Config, results_dir: Path):
         ax.set_xlabel("training step" + (f" (moving average over {window} steps)" if window > 1 else ""))
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
-    _legend_below(fig, axes, methods, styles, ncol=min(len(methods), 5))
+    _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
     fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
     return fig
 
@@ -760,6 +759,7 @@ def _fig_benchmarks(cfg: Config, results_dir: Path):
             if c == 0:
                 ax.set_ylabel(f"{metric_label(metric)} (fraction)")
             ax.set_xticks(x, [method_short(m) for m in methods])
+            ax.set_xlim(-0.5, len(methods) - 0.5)
             ax.grid(axis="x", visible=False)
     for ax in axes[-1]:
         ax.tick_params(axis="x", labelsize=6)
@@ -788,6 +788,4 @@ def write_figures(cfg: Config, results_dir: str | Path, out_dir: str | Path) -> 
         for name in FIGURE_NAMES:
             fig = _FIGURES[name](cfg, results_dir)
             written += _save(fig, out_dir, name)
-    for p in written:
-        logger.info("wrote %s", p)
     return written

@@ -6,7 +6,6 @@ changes what a dry-run lists.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import re
@@ -224,6 +223,14 @@ def test_cpu_config_trains_without_torchrun(tmp_path):
     assert "python -m hdpo train --config" in out and "torchrun" not in out
 
 
+def test_local_profile(tmp_path):
+    out = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow" / "profiles" / "local"),
+                    "--configfile", str(PAPER_CONFIG))
+    assert job_counts(out)["train"] == 5
+    for block in _job_blocks(out, "evaluate"):
+        assert re.search(r"\bevaluations=1\b", block), block
+
+
 def test_gpu_jobs_without_a_gpu_limit_stop_before_running(tmp_path):
     """`snakemake --cores all` on one machine with GPU jobs and no `gpu` limit would start them all at once."""
     code, out = snakemake(tmp_path, "--cores", "1", "--configfile", str(PAPER_CONFIG), "prepare_data", check=False)
@@ -377,11 +384,28 @@ def test_caching_and_reruns(stub_repo):
                                                                   "hdpo_drifting_lambda0.1"]))) == {
         "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
 
-    # hyperparameters: the learning rate retrains everything downstream; an HDPO-only knob spares GRPO
+    # hyperparameters: the learning rate retrains everything downstream, from step 0 (a new checkpoint folder,
+    # so --resume cannot continue the old trajectory); an HDPO-only knob spares GRPO
     lr = _tiny()
     lr["optimizer"] = {"lr": 2.0e-6}
     assert plan(write_config(root / "lr.yaml", lr)) == {"train": 2, "evaluate": 4, "tables": 1, "figures": 1,
                                                         "all": 1}
+
+    def work_dirs(configfile):
+        out = snakemake(root, "grpo", "-n", "-p", "--forcerun", "train", "--cores", "1", "--configfile",
+                        str(configfile), snakefile=snakefile)
+        return re.findall(r"--work-dir (\S+)", out)
+
+    old, new = work_dirs(tiny), work_dirs(root / "lr.yaml")
+    assert len(old) == 1 and old[0].startswith("results/checkpoints/grpo_seed1/") and new != old
+    assert (root / old[0]).is_dir()
+    runtime = _tiny()
+    runtime["grpo"]["micro_batch_size"] = 1  # speed and memory only
+    assert plan(write_config(root / "runtime.yaml", runtime)) == {}
+    more_threads = _tiny()
+    more_threads["resources"]["train"]["threads"] = 2
+    assert plan(write_config(root / "threads.yaml", more_threads)) == {}
+    assert work_dirs(root / "runtime.yaml") == old
     topk = _tiny()
     topk["hdpo"] = {"topk_logits_k": 8}
     out = snakemake(root, "-n", "--cores", "2", "--configfile", str(write_config(root / "topk.yaml", topk)),
@@ -399,4 +423,4 @@ def test_caching_and_reruns(stub_repo):
     # deleting a run's outputs retrains that run only; the checkpoints folder (resume) is not an output
     shutil.rmtree(root / "results" / "runs" / "grpo_seed1")
     assert plan() == {"train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
-    assert (root / "results" / "checkpoints" / "grpo_seed1").is_dir()
+    assert (root / old[0]).is_dir()

@@ -1,0 +1,230 @@
+"""The trainer on a tiny real transformers model: gradients invariant to how a batch is split, the HDPO
+signal on cliffs, lambda = 0 being exactly GRPO, the frozen teacher kept apart, and exact resume."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_config, tiny_problems
+from hdpo import distributed as hdist
+from hdpo.config import SYSTEM_PROMPT
+from hdpo.data import build_messages, render_prompt
+from hdpo.train import (DistillItem, Trainer, accumulate_gradients, batch_indices, response_logits, select_cliffs,
+                        teacher_topk, warmup_factor)
+
+
+# --- pure pieces --------------------------------------------------------------------------------------
+
+def test_warmup_is_linear_from_start_factor_then_constant():
+    assert warmup_factor(0, 50, 0.1) == pytest.approx(0.1)
+    assert warmup_factor(25, 50, 0.1) == pytest.approx(0.55)
+    assert warmup_factor(50, 50, 0.1) == 1.0 and warmup_factor(500, 50, 0.1) == 1.0
+    assert warmup_factor(0, 0, 0.1) == 1.0
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    a = [batch_indices(s, 4, 10, seed=3) for s in range(5)]
+    assert a == [batch_indices(s, 4, 10, seed=3) for s in range(5)]
+    assert sorted(a[0] + a[1] + [*a[2][:2]]) == list(range(10))  # the first epoch covers every problem once
+    assert a != [batch_indices(s, 4, 10, seed=4) for s in range(5)]
+
+
+def test_cliff_cap_is_filled_in_rank_order():
+    r = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    assert select_cliffs(r, 0.0, cap=32, cliffs_before_me=0) == [0, 2, 3]
+    assert select_cliffs(r, 0.0, cap=2, cliffs_before_me=0) == [0, 2]
+    assert select_cliffs(r, 0.0, cap=2, cliffs_before_me=1) == [0]
+    assert select_cliffs(r, 0.0, cap=2, cliffs_before_me=5) == []
+
+
+# --- forward passes and gradients ---------------------------------------------------------------------
+
+def _load(model_dir):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _items(tok, n=6):
+    """(prompt ids, response ids, advantage) with prompts and responses of different lengths."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        p = tok(f"prompt {'x ' * i}number {i}", add_special_tokens=False).input_ids
+        r = torch.randint(10, 1000, (3 + (i * 5) % 7,), generator=g).tolist()
+        out.append((p, r, [1.5, -0.5, 0.0, 2.0, -1.0, 0.7][i % 6]))
+    return out
+
+
+def _distill_items(model, tok, items, k=8):
+    """Teacher = the same model on a longer (privileged-like) prompt over the same responses."""
+    priv = [p + tok(" with a hint", add_special_tokens=False).input_ids for p, _, _ in items]
+    tk = teacher_topk(model, priv, [r for _, r, _ in items], k, tok.pad_token_id, micro=2)
+    return [DistillItem(p, r, v, i) for (p, r, _), (v, i) in zip(items, tk)]
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_response_logits_align_with_unpadded_forward(tiny_model_dir):
+    model, tok = _load(tiny_model_dir)
+    items = _items(tok)
+    logits, mask, ids = response_logits(model, [p for p, _, _ in items], [r for _, r, _ in items], tok.pad_token_id)
+    for i, (p, r, _) in enumerate(items):
+        with torch.no_grad():
+            ref = model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1]
+        torch.testing.assert_close(logits[i, :len(r)].detach(), ref, rtol=1e-4, atol=1e-4)
+        assert mask[i].sum() == len(r) and ids[i, :len(r)].tolist() == r
+
+
+def _accumulate(model, grpo, distill, micro, n_grpo=None, n_distill=None):
+    model.zero_grad(set_to_none=True)
+    n_grpo = n_grpo or sum(len(r) for _, r, _ in grpo)
+    n_distill = n_distill or sum(len(d.response_ids) for d in distill)
+    parts = accumulate_gradients(model, grpo, distill, n_grpo, n_distill, 0.5, micro, 0, 0.2, 0.2)
+    return parts, _grads(model)
+
+
+def test_gradients_invariant_to_micro_batches(tiny_model_dir):
+    model, tok = _load(tiny_model_dir)
+    items = _items(tok)
+    distill = _distill_items(model, tok, items)
+    ref_parts, ref = _accumulate(model, items, distill, micro=len(items))
+    assert ref_parts["jsd"] > 0 and math.isfinite(ref_parts["grpo"])
+    for micro in (1, 4):
+        parts, grads = _accumulate(model, items, distill, micro=micro)
+        assert parts["grpo"] == pytest.approx(ref_parts["grpo"], rel=1e-5, abs=1e-7)
+        assert parts["jsd"] == pytest.approx(ref_parts["jsd"], rel=1e-5)
+        for name in ref:
+            torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+def _rank_worker(rank, world, model_dir, rdv, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, tok = _load(model_dir)
+    items = _items(tok)
+    distill = _distill_items(model, tok, items)
+    half = len(items) // world
+    mine, mine_d = items[rank * half:(rank + 1) * half], distill[rank * half:(rank + 1) * half]
+    # the token counts are global: summed over ranks, as the trainer does
+    n_grpo, n_distill = hdist.sum_all([sum(len(r) for _, r, _ in mine), sum(len(d.response_ids) for d in mine_d)])
+    parts, _ = _accumulate(model, mine, mine_d, micro=2, n_grpo=n_grpo, n_distill=n_distill)
+    hdist.sum_gradients(list(model.parameters()))
+    total = hdist.sum_all([parts["grpo"], parts["jsd"]])
+    if rank == 0:
+        torch.save({"grads": _grads(model), "parts": total}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_same_on_one_and_two_ranks(tiny_model_dir, tmp_path):
+    model, tok = _load(tiny_model_dir)
+    items = _items(tok)
+    ref_parts, ref = _accumulate(model, items, _distill_items(model, tok, items), micro=3)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank_worker, args=(2, str(tiny_model_dir), str(tmp_path / "rdv"), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    assert got["parts"][0] == pytest.approx(ref_parts["grpo"], rel=1e-5, abs=1e-7)
+    assert got["parts"][1] == pytest.approx(ref_parts["jsd"], rel=1e-5)
+    for name in ref:
+        torch.testing.assert_close(got["grads"][name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+# --- the trainer end to end ---------------------------------------------------------------------------
+
+def _data(tmp_path, answers):
+    from hdpo.io import write_jsonl
+
+    d = tmp_path / "data"
+    probs = [p for p in tiny_problems() if p.answer in answers]
+    write_jsonl(d / "train.jsonl", [p.to_dict() for p in probs])
+    write_jsonl(d / "val.jsonl", [p.to_dict() for p in probs[:2]])
+    return d
+
+
+def _run(tmp_path, model_dir, name, data, resume=False, **overrides):
+    cfg = tiny_config(model_dir, **overrides)
+    trainer = Trainer(cfg, data, tmp_path / "runs" / name, tmp_path / "work" / name, tmp_path / "models")
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def _prob_of_answer(model, tok, answer: str, privileged: bool = False) -> float:
+    """p('The answer is \\boxed{answer}') on the plain (or privileged) prompt of a toy problem, teacher-forced."""
+    messages = build_messages(tiny_problems()[0], SYSTEM_PROMPT, "answer" if privileged else None)
+    p = tok(render_prompt(tok, messages), add_special_tokens=False).input_ids
+    r = tok(f"The answer is \\boxed{{{answer}}}", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits, _, ids = response_logits(model, [p], [r], tok.pad_token_id)
+        return torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).sum().exp().item()
+
+
+def _metrics(trainer):
+    return [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_answers_7_plainly_and_8_when_privileged(tiny_model_dir):
+    model, tok = _load(tiny_model_dir)
+    assert _prob_of_answer(model, tok, "7") > 0.9
+    assert _prob_of_answer(model, tok, "8", privileged=True) > 0.9
+
+
+def test_hdpo_moves_the_student_on_cliffs_where_grpo_cannot(tiny_model_dir, tmp_path):
+    data = _data(tmp_path, {"8"})  # every prompt is a cliff for the plain policy
+    model, tok = _load(tiny_model_dir)
+    before = _prob_of_answer(model, tok, "8")
+
+    grpo = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.method": "grpo"})
+    rows = [r for r in _metrics(grpo) if r["kind"] == "train"]
+    assert all(r["cliffs"] == 2 and r["grad_norm"] == 0.0 and r["privileged/generated"] == 0 for r in rows)
+    for (n, a), b in zip(model.state_dict().items(), grpo.policy.state_dict().values()):
+        assert torch.equal(a, b), f"GRPO changed {n} although every group was a cliff"
+
+    hdpo = _run(tmp_path, tiny_model_dir, "hdpo", data)
+    rows = [r for r in _metrics(hdpo) if r["kind"] == "train"]
+    assert rows[0]["cliffs"] == 2 and rows[0]["reward/mean"] == 0.0
+    assert sum(r["privileged/kept"] for r in rows) > 0
+    assert all(math.isfinite(r["loss/jsd"]) for r in rows) and max(r["loss/jsd"] for r in rows) > 0
+    assert max(r["tokens/distill"] for r in rows) > 0
+    assert _prob_of_answer(hdpo.policy, tok, "8") > before  # pulled toward the privileged teacher
+    assert rows[-1]["reward/mean"] > 0  # and the former cliff prompts now get rewards: GRPO takes over
+
+
+def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
+    data = _data(tmp_path, {"7", "8"})
+    a = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.method": "grpo"})
+    b = _run(tmp_path, tiny_model_dir, "lambda0", data, **{"hdpo.distill_weight": 0.0})
+    for x, y in zip(a.policy.state_dict().values(), b.policy.state_dict().values()):
+        assert torch.equal(x, y)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert strip(_metrics(a)) == strip(_metrics(b))
+
+
+def test_frozen_teacher_stays_at_step_zero(tiny_model_dir, tmp_path):
+    data = _data(tmp_path, {"8"})
+    model, _ = _load(tiny_model_dir)
+    t = _run(tmp_path, tiny_model_dir, "frozen", data, **{"hdpo.teacher": "frozen"})
+    assert t.frozen is not None and t.frozen is not t.policy
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.frozen.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.policy.state_dict().values()))
+    assert sum(r.get("privileged/kept", 0) for r in _metrics(t)) > 0
+
+
+def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
+    data = _data(tmp_path, {"7", "8"})
+    full = _run(tmp_path, tiny_model_dir, "full", data, **{"grpo.max_num_steps": 3})
+    # the same run killed after step 2 (its last checkpoint), then resumed to step 3
+    _run(tmp_path, tiny_model_dir, "cut", data, **{"grpo.max_num_steps": 2})
+    resumed = _run(tmp_path, tiny_model_dir, "cut", data, resume=True, **{"grpo.max_num_steps": 3})
+    for x, y in zip(full.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(x, y)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert strip(_metrics(full)) == strip(_metrics(resumed))
+    summary = json.loads((resumed.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and (resumed.run_dir / "policy_final" / "hdpo_meta.json").exists()

@@ -1,0 +1,26 @@
+# evaluate: one checkpoint (final | best) of one run on one benchmark (pass@k from n samples, greedy accuracy).
+rule evaluate:
+    input:
+        model="results/runs/{run}/policy_{ckpt}",
+        data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
+    output:
+        result="results/eval/{run}/{ckpt}/{bench}.json",
+        samples="results/eval/{run}/{ckpt}/{bench}.samples.jsonl.gz",
+    params:
+        settings=evaluate_settings,
+        config=configfile_arg,
+        data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
+    log:
+        "results/logs/evaluate/{run}/{ckpt}/{bench}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{run}/{ckpt}/{bench}.tsv"
+    conda:
+        CONDA_ENV
+    threads: resource("evaluate", "threads")
+    resources:
+        gpu=resource("evaluate", "gpu"),
+        mem_mb=resource("evaluate", "mem_mb"),
+        runtime=resource("evaluate", "runtime"),
+    shell:
+        "python -m hdpo evaluate --config {params.config:q} --model {input.model:q} --benchmark {wildcards.bench}"
+        " --data {params.data:q} --out {output.result:q} > {log:q} 2>&1"

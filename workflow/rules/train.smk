@@ -1,0 +1,38 @@
+# train: one run = one method x one seed (Algorithm 1; validation every eval.val_period steps inside).
+# Inputs are `ancient`: a rewritten split file (e.g. prepare_data rerun because a benchmark was added) does
+# not retrain; a changed data config does, through `params.settings`.
+# Resumable checkpoints go to params.work_dir (results/checkpoints/<run>/<settings digest>), which is not an
+# output: Snakemake deletes a job's outputs before it starts, and `--resume` continues from the last
+# checkpoint there (a killed or timed-out job continues its trajectory when rerun).
+rule train:
+    input:
+        train=ancient(f"{DATA_DIR}/train.jsonl"),
+        val=ancient(f"{DATA_DIR}/val.jsonl"),
+    output:
+        metrics="results/runs/{method}_seed{seed}/metrics.jsonl",
+        summary="results/runs/{method}_seed{seed}/summary.json",
+        config="results/runs/{method}_seed{seed}/config.yaml",
+        final=directory("results/runs/{method}_seed{seed}/policy_final"),
+        best=directory("results/runs/{method}_seed{seed}/policy_best"),
+    params:
+        settings=train_settings,
+        config=configfile_arg,
+        launcher=train_launcher,
+        data=lambda wildcards, input: os.path.dirname(input.train),
+        run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+        work_dir=work_dir,
+    log:
+        "results/logs/train/{method}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train/{method}_seed{seed}.tsv"
+    conda:
+        CONDA_ENV
+    threads: resource("train", "threads")
+    resources:
+        gpu=resource("train", "gpu"),
+        mem_mb=resource("train", "mem_mb"),
+        runtime=resource("train", "runtime"),
+    shell:
+        "{params.launcher} train --config {params.config:q} --method {wildcards.method} --seed {wildcards.seed}"
+        " --data {params.data:q} --run-dir {params.run_dir:q} --work-dir {params.work_dir:q} --resume"
+        " > {log:q} 2>&1"
