@@ -18,6 +18,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (e.g. config/config.yaml or config/demo.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set grpo.max_num_steps=10 hdpo.teacher=frozen")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (Snakemake passes the job's threads; avoids oversubscription)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"hdpo: bad config: {err}") from None
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "prepare-data":
         from hdpo.data import prepare_data
 

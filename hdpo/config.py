@@ -140,6 +140,15 @@ class ExperimentConfig:
 
 
 @dataclass
+class RuleResources:
+    """What one Snakemake rule's jobs ask for (read by the workflow; `threads` also sets torch's threads)."""
+    gpu: int = 0
+    threads: int = 1
+    mem_mb: int = 8000
+    runtime: int = 60  # minutes
+
+
+@dataclass
 class Config:
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,6 +165,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    resources: dict[str, RuleResources] = field(default_factory=dict)  # per rule: prepare_data, train, ...
 
     @property
     def privileged_rollouts(self) -> int:
@@ -280,6 +290,13 @@ def _check(cfg: Config) -> None:
             parse_method(m)
         except ValueError as err:
             raise ConfigError(f"experiment.methods[{i}]: {err}") from None
+    for name, r in cfg.resources.items():
+        need(name in ("prepare_data", "train", "evaluate", "report"), f"resources.{name}",
+             "not a rule (prepare_data, train, evaluate, report)")
+        need(r.gpu >= 0 and r.threads >= 1 and r.mem_mb > 0 and r.runtime > 0, f"resources.{name}",
+             "needs gpu >= 0, threads >= 1, mem_mb > 0, runtime > 0")
+    metrics = [f"pass@{k}" for k in e.pass_k] + ["greedy_acc"]
+    need(cfg.checkpoint.best_metric in metrics, "checkpoint.best_metric", f"must be one of {metrics}")
     for i, c in enumerate(cfg.experiment.checkpoints):
         need(c in ("final", "best"), f"experiment.checkpoints[{i}]", f"{c!r} is not 'final' or 'best'")
 

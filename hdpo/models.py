@@ -55,10 +55,12 @@ def convert_gguf(src: Path, dest: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if dest.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, dest)
+        except OSError:  # another process finished the same conversion first
+            if not (dest / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,5 +1,5 @@
 """The Snakemake workflow: lint, config schema, the paper's job grid, targets, resources, and which jobs rerun
-on which change (on a stub `hdpo` CLI, so no model runs). The end-to-end run on real code is a separate test.
+on which change, after a real end-to-end run of the DAG on a tiny model.
 
 Every Snakemake call runs in a temporary working directory (`--directory`), so results/ of the checkout never
 changes what a dry-run lists.
@@ -7,12 +7,12 @@ changes what a dry-run lists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import typing
 from pathlib import Path
 
@@ -123,8 +123,6 @@ def test_schema_mirrors_the_typed_config():
     assert set(schema["$defs"]["dataset"]["properties"]) == _dataclass_fields(hdpo_config.DatasetSpec)
 
 
-@pytest.mark.xfail(not hasattr(hdpo_config.Config(), "resources"), strict=True,
-                   reason="hdpo.config.Config has no `resources` section yet: the CLI cannot read config/config.yaml")
 def test_paper_config_loads_in_the_typed_config():
     hdpo_config.load_config(PAPER_CONFIG)
 
@@ -238,78 +236,20 @@ def test_gpu_jobs_without_a_gpu_limit_stop_before_running(tmp_path):
     assert not (tmp_path / "results" / "logs" / "prepare_data.log").exists()
 
 
-# --- caching: which jobs rerun on which change (stub CLI, real workflow and report code) ---------------------------
-
-STUB_CLI = '''
-"""A stand-in for the hdpo CLI with the same arguments: writes plausible outputs instantly."""
-import argparse, gzip, json, math, os, sys
-from pathlib import Path
-import yaml
-from hdpo.config import Config, from_dict
-
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="command")
-    for name in ("prepare-data", "train", "evaluate", "report"):
-        p = sub.add_parser(name)
-        if name == "report":
-            p.add_argument("what")
-        p.add_argument("--config"); p.add_argument("--set", nargs="*", default=[])
-        for opt in ("--out", "--method", "--seed", "--data", "--run-dir", "--work-dir", "--model", "--benchmark",
-                    "--results"):
-            p.add_argument(opt)
-        p.add_argument("--resume", action="store_true")
-    a = ap.parse_args(argv)
-    data = yaml.safe_load(open(a.config))
-    if "resources" not in Config.__dataclass_fields__:
-        data.pop("resources", None)
-    cfg = from_dict(data)
-    with open(os.environ["HDPO_STUB_CALLS"], "a") as fh:
-        fh.write(" ".join([a.command] + [str(x) for x in (getattr(a, "what", None), a.method, a.seed, a.model,
-                                                           a.benchmark) if x]) + "\\n")
-    if a.command == "prepare-data":
-        out = Path(a.out)
-        (out / "benchmarks").mkdir(parents=True, exist_ok=True)
-        for f in ("train.jsonl", "val.jsonl"):
-            (out / f).write_text('{"id": "1", "problem": "1+1", "answer": "2"}\\n')
-        for b in cfg.experiment.benchmarks:
-            (out / "benchmarks" / f"{b}.jsonl").write_text('{"id": "1"}\\n')
-        (out / "summary.json").write_text("{}")
-    elif a.command == "train":
-        run = Path(a.run_dir); run.mkdir(parents=True, exist_ok=True)
-        Path(a.work_dir).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for step in range(0, 21):
-            rows.append({"kind": "train", "step": step, "cliff_fraction": 0.2, "teacher_pass_rate": 0.4})
-            if step % 10 == 0:
-                rows.append({"kind": "val", "step": step, "val/pass@1": 0.5 + step / 100, "val/pass@2": 0.6,
-                             "val/greedy_acc": 0.5, "val/num_problems": 4, "val/num_samples": 2})
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
-        (run / "summary.json").write_text("{}")
-        (run / "config.yaml").write_text("{}")
-        for c in ("final", "best"):
-            (run / f"policy_{c}").mkdir(exist_ok=True)
-            (run / f"policy_{c}" / "model.safetensors").write_text("weights")
-    elif a.command == "evaluate":
-        out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"pass@1": 0.3, "pass@2": 0.4, "greedy_acc": 0.3, "num_problems": 1,
-                                   "num_samples": 2, "model_step": 20}))
-        with gzip.open(str(out)[:-5] + ".samples.jsonl.gz", "wt") as fh:
-            fh.write("{}\\n")
-    elif a.command == "report":
-        from hdpo import report
-        (report.write_tables if a.what == "tables" else report.write_figures)(cfg, Path(a.results), Path(a.out))
-
-if __name__ == "__main__":
-    main()
-'''
-
+# --- the DAG end to end on a tiny real model, then which jobs rerun on which change ---------------------------
 
 def _tiny(**experiment) -> dict:
+    """The real pipeline, sized for seconds: a tiny in-memory-built model, 2 steps, SVAMP and MATH-500 slices."""
     return {
-        "model": {"name": "tiny"},
-        "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 2, "max_num_steps": 20},
-        "eval": {"num_samples": 2, "pass_k": [1, 2], "val_period": 10},
+        "seed": 1,
+        "model": {"name": os.environ["HDPO_TINY_MODEL"], "dtype": "float32", "max_total_sequence_length": 1024},
+        "data": {"train": [{"format": "svamp", "file": "svamp_test.jsonl", "limit": 40}], "max_val_problems": 2},
+        "benchmarks": {"math500": {"format": "math500", "file": "math500.jsonl", "limit": 2},
+                       "aime24": {"format": "aime", "file": "aime24.jsonl", "limit": 2}},
+        "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 2, "max_num_steps": 2},
+        "generation": {"backend": "transformers", "max_new_tokens": 8},
+        "eval": {"num_samples": 2, "pass_k": [1, 2], "val_period": 1, "reward_workers": 0},
+        "checkpoint": {"save_period": 1},
         "experiment": {"methods": ["grpo", "hdpo_frozen_lambda0.1"], "seeds": [1], "benchmarks": ["math500"],
                        "checkpoints": ["final", "best"], "require_gpu": False, **experiment},
         "resources": {"train": {"gpu": 0}, "evaluate": {"gpu": 0}},
@@ -317,20 +257,16 @@ def _tiny(**experiment) -> dict:
 
 
 @pytest.fixture()
-def stub_repo(tmp_path):
-    """A copy of the workflow and the report code with a stub CLI: the real DAG, rules and caching."""
+def tiny_repo(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """A copy of the repository's workflow and package (jobs run `python -m hdpo` from it) and a tiny config."""
     root = tmp_path / "repo"
     shutil.copytree(REPO / "workflow", root / "workflow")
-    (root / "hdpo").mkdir()
-    for name in ("__init__.py", "__main__.py", "config.py", "io.py", "report.py", "paper.py", "plot_style.mplstyle"):
-        shutil.copy2(REPO / "hdpo" / name, root / "hdpo" / name)
-    (root / "hdpo" / "cli.py").write_text(textwrap.dedent(STUB_CLI))
-    (root / "hdpo" / "train.py").write_text("# the trainer (stand-in)\n")
+    shutil.copytree(REPO / "hdpo", root / "hdpo", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "config").mkdir()
+    monkeypatch.setenv("HDPO_TINY_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("HDPO_DATA_DIR", str(data_dir))
     write_config(root / "config" / "tiny.yaml", _tiny())
-    os.environ["HDPO_STUB_CALLS"] = str(root / "calls.txt")
     yield root
-    os.environ.pop("HDPO_STUB_CALLS", None)
 
 
 def _edit(path: Path) -> None:
@@ -339,8 +275,8 @@ def _edit(path: Path) -> None:
         fh.write("\n# edited\n")
 
 
-def test_caching_and_reruns(stub_repo):
-    root = stub_repo
+def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
+    root = tiny_repo
     snakefile = root / "workflow" / "Snakefile"
     tiny = root / "config" / "tiny.yaml"
 
@@ -349,11 +285,24 @@ def test_caching_and_reruns(stub_repo):
                                     snakefile=snakefile))
 
     snakemake(root, "--cores", "2", "--configfile", str(tiny), snakefile=snakefile)
-    calls = (root / "calls.txt").read_text().splitlines()
-    assert sum(c.startswith("train") for c in calls) == 2 and sum(c.startswith("evaluate") for c in calls) == 4
+    logs = root / "results" / "logs"
+    assert len(list((logs / "train").glob("*.log"))) == 2 and len(list((logs / "evaluate").rglob("*.log"))) == 4
+    for run in ("grpo_seed1", "hdpo_frozen_lambda0.1_seed1"):
+        rows = [json.loads(l) for l in (root / "results" / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+        assert [r["step"] for r in rows if r["kind"] == "val"] == [0, 1, 2]
+        for ckpt in ("final", "best"):
+            result = json.loads((root / "results" / "eval" / run / ckpt / "math500.json").read_text())
+            assert result["num_problems"] == 2 and 0.0 <= result["pass@1"] <= 1.0
     for name in ("val_passk", "cliffs", "lambda_tradeoff", "benchmarks"):
-        assert (root / "figures" / f"{name}.png").stat().st_size > 0
-    assert "grpo" in (root / "results" / "tables" / "table1.csv").read_text()
+        for ext in ("png", "pdf"):
+            assert (root / "figures" / f"{name}.{ext}").stat().st_size > 0
+    from hdpo.report import method_label
+
+    methods = ("grpo", "hdpo_frozen_lambda0.1")
+    assert all(m in (root / "results" / "tables" / "table1.csv").read_text() for m in methods)
+    assert all(method_label(m) in (root / "results" / "tables" / "table1.md").read_text() for m in methods)
+    assert all(method_label(m, "tex") in (root / "results" / "tables" / "table1.tex").read_text() for m in methods)
 
     assert plan() == {}  # a complete run: nothing to do
     assert plan(tiny, "figures") == {}

@@ -52,11 +52,9 @@ config.update(_raw)
 # Names and types, against the schema (a misspelt key fails here, before any job)...
 validate(config, "../schemas/config.schema.yaml", set_default=False)
 
-# ...then values, with the CLI's own typed config. `resources` is the workflow's section.
-_HAS_RESOURCES_FIELD = "resources" in Config.__dataclass_fields__
-_typed_input = {k: v for k, v in config.items() if k != "resources" or _HAS_RESOURCES_FIELD}
+# ...then values, with the CLI's own typed config.
 try:
-    CFG = from_dict(_typed_input)
+    CFG = from_dict(config)
 except ConfigError as err:
     raise WorkflowError(f"{CONFIGFILE}: {err}") from None
 _CFG_DICT = CFG.to_dict()  # every key, defaults filled in

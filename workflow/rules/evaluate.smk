@@ -23,4 +23,4 @@ rule evaluate:
         runtime=resource("evaluate", "runtime"),
     shell:
         "python -m hdpo evaluate --config {params.config:q} --model {input.model:q} --benchmark {wildcards.bench}"
-        " --data {params.data:q} --out {output.result:q} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"

@@ -35,4 +35,5 @@ rule train:
     shell:
         "{params.launcher} train --config {params.config:q} --method {wildcards.method} --seed {wildcards.seed}"
         " --data {params.data:q} --run-dir {params.run_dir:q} --work-dir {params.work_dir:q} --resume"
+        " --threads {threads}"
         " > {log:q} 2>&1"
