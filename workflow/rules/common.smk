@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -161,6 +162,15 @@ def configfile_arg(wildcards, input) -> str:
     return CONFIGFILE
 
 
+# Jobs run with the interpreter that runs Snakemake, so `.venv/bin/snakemake` works without activating .venv.
+PYTHON = shlex.quote(sys.executable)
+
+
+def python_arg(wildcards, input) -> str:
+    """The interpreter, as a derived param (it takes `input`): another venv path reruns nothing."""
+    return PYTHON
+
+
 def train_launcher(wildcards, resources) -> str:
     """torchrun (one process per GPU) when the job has several GPUs, else one Python process.
 
@@ -168,8 +178,8 @@ def train_launcher(wildcards, resources) -> str:
     job down on a smaller machine) does not retrain a finished run."""
     gpus = int(resources.gpu)
     if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node={gpus} -m hdpo"
-    return "python -m hdpo"
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m hdpo"
+    return f"{PYTHON} -m hdpo"
 
 
 def work_dir(wildcards, input) -> str:

@@ -8,6 +8,7 @@ rule prepare_data:
     params:
         settings=data_settings(),
         config=configfile_arg,
+        python=python_arg,
         out=lambda wildcards, output: os.path.dirname(output.summary),
     log:
         "results/logs/prepare_data.log",
@@ -21,4 +22,4 @@ rule prepare_data:
         mem_mb=resource("prepare_data", "mem_mb"),
         runtime=resource("prepare_data", "runtime"),
     shell:
-        "python -m hdpo prepare-data --config {params.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.python} -m hdpo prepare-data --config {params.config:q} --out {params.out:q} > {log:q} 2>&1"

@@ -13,6 +13,7 @@ rule tables:
     params:
         settings=report_settings(),
         config=configfile_arg,
+        python=python_arg,
         out=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "results/logs/tables.log",
@@ -27,7 +28,7 @@ rule tables:
         mem_mb=resource("report", "mem_mb"),
         runtime=resource("report", "runtime"),
     shell:
-        "python -m hdpo report tables --config {params.config:q} --results results --out {params.out:q}"
+        "{params.python} -m hdpo report tables --config {params.config:q} --results results --out {params.out:q}"
         " > {log:q} 2>&1"
 
 
@@ -41,6 +42,7 @@ rule figures:
     params:
         settings=report_settings(),
         config=configfile_arg,
+        python=python_arg,
         out=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "results/logs/figures.log",
@@ -55,5 +57,5 @@ rule figures:
         mem_mb=resource("report", "mem_mb"),
         runtime=resource("report", "runtime"),
     shell:
-        "python -m hdpo report figures --config {params.config:q} --results results --out {params.out:q}"
+        "{params.python} -m hdpo report figures --config {params.config:q} --results results --out {params.out:q}"
         " > {log:q} 2>&1"
