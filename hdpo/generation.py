@@ -130,11 +130,16 @@ def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_le
     if backend == "transformers":
         return TransformersGenerator(model, tokenizer, batch_size, max_total_length)
     if backend == "vllm":
+        from hdpo.generation_vllm import VLLMGenerator, configure_vllm_env
+
+        configure_vllm_env()  # before vLLM is imported: the colocated engine runs in this process
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise RuntimeError("generation.backend=vllm needs vLLM and a CUDA GPU (pip install 'hdpo[gpu]'); "
                                "on CPU set generation.backend=transformers (config/demo.yaml does)") from None
-        raise RuntimeError("generation.backend=vllm is not implemented yet (the scale-out issue); "
-                           "set generation.backend=transformers")
+        if not torch.cuda.is_available():
+            raise RuntimeError("generation.backend=vllm needs a CUDA GPU, and torch sees none; on CPU set "
+                               "generation.backend=transformers (config/demo.yaml does)")
+        return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization)
     raise ValueError(f"generation.backend: unknown backend {backend!r}")

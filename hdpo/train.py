@@ -129,17 +129,18 @@ def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[in
 
 def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], distill: list[DistillItem],
                          n_grpo: float, n_distill: float, distill_weight: float, micro: int, pad_id: int,
-                         clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None
-                         ) -> dict:
+                         clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None,
+                         sampler_logprobs: Optional[list[list[float]]] = None) -> dict:
     """Backward of L_GRPO/N_grpo + lambda L_JSD/N_distill for this rank's share, micro-batch by micro-batch.
 
     `grpo` holds (prompt ids, response ids, advantage) of the rollouts with a non-zero advantage (the others
     contribute exactly zero loss and gradient, but their tokens count in the global `n_grpo`).
     `old_logprobs`: pi_old per token; None means on-policy (pi_old = the current weights, detached).
-    Returns this rank's loss parts (already divided by the global counts) for logging.
+    `sampler_logprobs`: the generator's log-probs of the same tokens, to measure engine/trainer mismatch.
+    Returns this rank's loss parts (already divided by the global counts) and the mismatch sums, for logging.
     """
     device = next(model.parameters()).device
-    parts = {"grpo": 0.0, "jsd": 0.0}
+    parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0}
     for s in range(0, len(grpo), micro):
         chunk = grpo[s:s + micro]
         logits, mask, ids = response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id)
@@ -150,6 +151,12 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
             old = torch.zeros_like(lp)
             for j, o in enumerate(old_logprobs[s:s + micro]):
                 old[j, :len(o)] = torch.tensor(o, dtype=old.dtype)
+        if sampler_logprobs is not None:
+            with torch.no_grad():
+                for j, g in enumerate(sampler_logprobs[s:s + micro]):
+                    diff = (lp[j, :len(g)].float() - torch.tensor(g, device=device)).abs()
+                    parts["mismatch_sum"] += diff.sum().item()
+                    parts["mismatch_tokens"] += len(g)
         adv = torch.tensor([c[2] for c in chunk], device=device)
         loss = grpo_token_loss_sum(lp, old, adv, mask, clip_low, clip_high) / n_grpo
         loss.backward()
@@ -287,12 +294,13 @@ class Trainer:
         n_grpo_local = sum(len(r.response_ids) for r in flat)
         n_distill_local = sum(len(d.response_ids) for d in distill)
         n_grpo, n_distill = dist.sum_all([n_grpo_local, n_distill_local])
-        grpo_items = [(r.prompt_ids, r.response_ids, float(a))
-                      for r, a in zip(flat, adv.flatten().tolist()) if a != 0.0]
+        active = [(r, float(a)) for r, a in zip(flat, adv.flatten().tolist()) if a != 0.0]
+        grpo_items = [(r.prompt_ids, r.response_ids, a) for r, a in active]
         self.optimizer.zero_grad(set_to_none=True)
         parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
-                                     cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max)
+                                     cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
+                                     sampler_logprobs=[r.logprobs for r, _ in active])
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
         loss = loss_grpo + h.distill_weight * loss_jsd
@@ -313,8 +321,8 @@ class Trainer:
                  float(n_cliffs_all[self.rank]), len(cliffs), generated, kept,
                  gen_tokens,
                  stats_after["parse_failures"] - stats_before["parse_failures"],
-                 stats_after["timeouts"] - stats_before["timeouts"]]
-        (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to) = dist.sum_all(local)
+                 stats_after["timeouts"] - stats_before["timeouts"], parts["mismatch_sum"], parts["mismatch_tokens"]]
+        (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to, mm_sum, mm_tok) = dist.sum_all(local)
         return {
             "kind": "train", "step": step + 1,
             "loss/total": loss, "loss/grpo": loss_grpo, "loss/jsd": loss_jsd,
@@ -325,6 +333,8 @@ class Trainer:
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
             "reward/parse_failures": int(pf), "reward/timeouts": int(to),
             "lr": lr, "grad_norm": float(grad_norm),
+            # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)
+            "logprob/sampler_vs_trainer_abs_diff": mm_sum / mm_tok if mm_tok else None,
             **_mean_times(times),
         }
 

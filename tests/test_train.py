@@ -214,6 +214,9 @@ def test_frozen_teacher_stays_at_step_zero(tiny_model_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.frozen.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.policy.state_dict().values()))
     assert sum(r.get("privileged/kept", 0) for r in _metrics(t)) > 0
+    # the sampler's log-probs of the sampled tokens agree with the trainer's forward (same weights, float32)
+    diffs = [r["logprob/sampler_vs_trainer_abs_diff"] for r in _metrics(t) if r["kind"] == "train"]
+    assert any(d is not None for d in diffs) and all(d < 1e-3 for d in diffs if d is not None)
 
 
 def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
