@@ -149,8 +149,14 @@ def completion_to_rollout(prompt_ids: list[int], completion, eos_ids: Sequence[i
 
 
 def _clean_name(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
+    """Drop leading wrapper prefixes (torch.compile's `_orig_mod.`, DDP's `module.`, a graph wrapper's
+    `runnable.`)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
     return name
 
 

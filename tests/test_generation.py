@@ -425,6 +425,15 @@ def test_verify_finds_one_changed_element(llama_state, name, where):
         verify_engine_weights(engine, trainer)
 
 
+def test_trainer_state_drops_wrapper_prefixes():
+    from hdpo.generation_vllm import trainer_state
+
+    inner = _module_with({"model.norm.weight": torch.ones(2), "lm_head.weight": torch.ones(3, 2)})
+    wrapped = torch.nn.Module()
+    wrapped.add_module("_orig_mod", inner)  # what torch.compile's wrapper looks like
+    assert sorted(trainer_state(wrapped)) == ["lm_head.weight", "model.norm.weight"]
+
+
 def test_verify_refuses_an_unknown_layout(llama_state):
     engine = _module_with({f"x.{k.replace('.', '_')}": v for k, v in llama_state.items()})
     with pytest.raises(WeightSyncError, match="cannot be verified"):
