@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from hdpo.config import Config, parse_method
 from hdpo.io import atomic_path, atomic_write_text
@@ -615,6 +616,7 @@ def _fig_val_passk(cfg: Config, results_dir: Path):
             _no_data(ax)
         ax.set_title(f"validation {metric}")
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("pass@k (mean over problems)")
     n_seeds = len(cfg.experiment.seeds)
     _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
@@ -657,6 +659,7 @@ def _fig_cliffs(cfg: Config, results_dir: Path):
             _no_data(ax, "no results yet" if train.empty else "no privileged rollouts")
         ax.set_title(title)
         ax.set_xlabel("training step" + (f" (moving average over {window} steps)" if window > 1 else ""))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
     _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
