@@ -186,6 +186,24 @@ def _resolve(spec: DatasetSpec, data_dir: Optional[str]) -> Optional[Path]:
     return None
 
 
+def _check_hub(hub_id: str, timeout_s: float = 3.0) -> None:
+    """Fail at once, not after minutes of retries, when the Hub cannot be reached. Skipped in offline mode,
+    where `datasets` reads its local cache."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.constants import ENDPOINT
+
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"{hub_id}: the Hugging Face Hub ({ENDPOINT}) is not reachable ({err}); "
+                              f"with a local cache set HF_HUB_OFFLINE=1") from None
+
+
 def _load(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[tuple[int, dict]], str]:
     path = _resolve(spec, data_dir)
     if path is not None:
@@ -194,6 +212,7 @@ def _load(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[tuple[int, d
         if not spec.hub_id:
             where = f" (no {spec.file!r} in data_dir/$HDPO_DATA_DIR)" if spec.file else ""
             raise DataError(f"dataset {spec}: no local file{where} and no hub_id to load it from")
+        _check_hub(spec.hub_id)
         import datasets
         origin = f"hub:{spec.hub_id}" + (f":{spec.subset}" if spec.subset else "") + f"/{spec.split}"
         logger.info("loading %s from the Hugging Face Hub", origin)
