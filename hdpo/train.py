@@ -14,7 +14,7 @@ written atomically to the work dir, which is not a Snakemake output, and `resume
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +37,7 @@ from hdpo.evaluate import score_problems, summarise
 from hdpo.generation import Rollout, Sampling, make_generator
 from hdpo.io import append_jsonl, atomic_path, read_jsonl, write_json
 from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages, token_logprobs, topk_jsd
-from hdpo.models import default_device, load_model, load_tokenizer, resolve_model
+from hdpo.models import autocast, default_device, load_model, load_tokenizer, resolve_model
 from hdpo.reward import RewardScorer
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[in
 def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], distill: list[DistillItem],
                          n_grpo: float, n_distill: float, distill_weight: float, micro: int, pad_id: int,
                          clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None,
-                         sampler_logprobs: Optional[list[list[float]]] = None) -> dict:
+                         sampler_logprobs: Optional[list[list[float]]] = None, amp=contextlib.nullcontext) -> dict:
     """Backward of L_GRPO/N_grpo + lambda L_JSD/N_distill for this rank's share, micro-batch by micro-batch.
 
     `grpo` holds (prompt ids, response ids, advantage) of the rollouts with a non-zero advantage (the others
@@ -143,7 +143,8 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
     parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0}
     for s in range(0, len(grpo), micro):
         chunk = grpo[s:s + micro]
-        logits, mask, ids = response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id)
+        with amp():  # the forward in mixed precision; the loss math below in float32
+            logits, mask, ids = response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id)
         lp = token_logprobs(logits, ids.unsqueeze(-1)).squeeze(-1)
         if old_logprobs is None:
             old = lp.detach()
@@ -163,8 +164,9 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
         parts["grpo"] += loss.item()
     for s in range(0, len(distill), micro):
         chunk = distill[s:s + micro]
-        logits, mask, _ = response_logits(model, [c.prompt_ids for c in chunk], [c.response_ids for c in chunk],
-                                          pad_id)
+        with amp():
+            logits, mask, _ = response_logits(model, [c.prompt_ids for c in chunk], [c.response_ids for c in chunk],
+                                              pad_id)
         T, k = logits.shape[1], chunk[0].topk_ids.shape[-1]
         t_vals = torch.zeros(len(chunk), T, k)
         t_ids = torch.zeros(len(chunk), T, k, dtype=torch.long)
@@ -205,7 +207,8 @@ class Trainer:
         self.model_name = resolve_model(cfg.model, model_cache)
         self.tok = load_tokenizer(self.model_name)
         self.pad_id = self.tok.pad_token_id
-        self.policy = load_model(self.model_name, cfg.model.dtype, self.device)
+        self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True)
+        self.amp = lambda: autocast(self.device, cfg.model.dtype)
         self.policy.train()
         self.hdpo_on = cfg.hdpo.method == "hdpo" and cfg.hdpo.distill_weight > 0
         # The frozen teacher is the step-0 network, kept apart (re-loaded from the source on resume).
@@ -214,11 +217,13 @@ class Trainer:
             self.frozen = load_model(self.model_name, cfg.model.dtype, self.device).eval().requires_grad_(False)
         g = cfg.generation
         self.generator = make_generator(g.backend, self.policy, self.tok, g.batch_size,
-                                        cfg.model.max_total_sequence_length, g.gpu_memory_utilization)
+                                        cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
+                                        cfg.model.dtype)
         self.priv_generator = self.generator
         if self.frozen is not None and cfg.hdpo.privileged_sampler == "teacher":
             self.priv_generator = make_generator(g.backend, self.frozen, self.tok, g.batch_size,
-                                                 cfg.model.max_total_sequence_length, g.gpu_memory_utilization)
+                                                 cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
+                                                 cfg.model.dtype)
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -249,7 +254,8 @@ class Trainer:
         problems = self._my_problems(step)
 
         # 1. rollouts on the plain prompt
-        groups = self.generator.generate([self._prompt(p) for p in problems], K, self.sampling)
+        with self.amp():
+            groups = self.generator.generate([self._prompt(p) for p in problems], K, self.sampling)
         times["rollout"], t = time.time() - t, time.time()
         # 2. rewards and leave-one-out advantages
         flat = [r for g in groups for r in g]
@@ -269,7 +275,8 @@ class Trainer:
             M = cfg.privileged_rollouts
             cliff_problems = [problems[i] for i in cliffs]
             priv_prompts = [self._prompt(p, h.privileged_info) for p in cliff_problems]
-            priv = self.priv_generator.generate(priv_prompts, M, self.sampling)
+            with self.amp():
+                priv = self.priv_generator.generate(priv_prompts, M, self.sampling)
             pflat = [r for g in priv for r in g]
             prew = self.scorer.score([r.text for r in pflat], [p.answer for p in cliff_problems for _ in range(M)])
             generated = len(pflat)
@@ -284,8 +291,9 @@ class Trainer:
                 teacher = self.policy if self.frozen is None else self.frozen
                 was = teacher.training
                 teacher.eval()
-                tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
-                                  h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size)
+                with self.amp():
+                    tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
+                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size)
                 teacher.train(was)
                 distill = [DistillItem(plain_ids[ci], r.response_ids, v, i) for (ci, r), (v, i) in zip(keep, tk)]
             times["teacher"], t = time.time() - t, time.time()
@@ -300,7 +308,7 @@ class Trainer:
         parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
                                      cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
-                                     sampler_logprobs=[r.logprobs for r, _ in active])
+                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp)
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
         loss = loss_grpo + h.distill_weight * loss_jsd
@@ -343,7 +351,8 @@ class Trainer:
         t = time.time()
         mine = self.val_set[self.rank::self.world]
         seed_everything(self.cfg.seed, 10**6 + step, self.rank)
-        _, records = score_problems(mine, self.generator, self.tok, self.scorer, self.cfg)
+        with self.amp():
+            _, records = score_problems(mine, self.generator, self.tok, self.scorer, self.cfg)
         counts = [c for part in dist.gather([r["num_correct"] for r in records]) for c in part]
         greedy = [g for part in dist.gather([r.get("greedy", {}).get("reward") for r in records]) for g in part]
         res = summarise(counts, greedy, self.cfg.eval.num_samples, self.cfg.eval.pass_k)
