@@ -47,7 +47,11 @@ def sum_gradients(params) -> None:
     """Sum (not average) gradients over ranks: each rank's loss is already divided by the global count."""
     if world() == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    params = list(params)
+    for p in params:  # a rank with nothing to backward still takes part in the same all-reduce
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat)
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):

@@ -304,7 +304,13 @@ class Trainer:
         n_grpo, n_distill = dist.sum_all([n_grpo_local, n_distill_local])
         active = [(r, float(a)) for r, a in zip(flat, adv.flatten().tolist()) if a != 0.0]
         grpo_items = [(r.prompt_ids, r.response_ids, a) for r, a in active]
-        self.optimizer.zero_grad(set_to_none=True)
+        # Zero tensors, not None: every rank all-reduces the same tensors (a rank may have nothing to backward),
+        # and a step with no signal is the same optimizer step on 1 or N ranks.
+        for p in self.policy.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
         parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
                                      cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,

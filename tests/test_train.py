@@ -231,3 +231,42 @@ def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
     assert strip(_metrics(full)) == strip(_metrics(resumed))
     summary = json.loads((resumed.run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and (resumed.run_dir / "policy_final" / "hdpo_meta.json").exists()
+
+
+def _train_rank(rank, world, model_dir, data, out, port):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = tiny_config(model_dir, **{"grpo.num_prompts_per_step": 4})
+    trainer = Trainer(cfg, data, out / "runs" / "ddp", out / "work" / "ddp", out / "models")
+    trainer.fit()
+    if rank == 1:  # every rank ends with the same weights: gradients are summed over ranks
+        torch.save(trainer.policy.state_dict(), out / "rank1.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        torch.save(trainer.policy.state_dict(), out / "rank0.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_rank_training_runs_under_gloo(tiny_model_dir, tmp_path):
+    """The whole trainer as two data-parallel processes (what torchrun launches): global counts, cliffs and
+    validation gathered over ranks, identical weights on both ranks, outputs written once."""
+    import socket
+
+    data = _data(tmp_path, {"7", "8"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_rank, args=(2, str(tiny_model_dir), str(data), tmp_path, port), nprocs=2, join=True)
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    # 4 prompts per step over 2 ranks: the counts are global, and the generated tokens too
+    assert all(r["cliffs"] <= 4 and r["cliff_fraction"] * 4 == r["cliffs"] for r in train)
+    assert all(r["tokens/grpo"] > 0 for r in train)
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [0, 2] and all(r["val/num_problems"] == 2 for r in val)
