@@ -93,9 +93,10 @@ class TransformersGenerator(Generator):
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         width = enc.input_ids.shape[1]
         max_new = min(s.max_new_tokens, self.max_total_length - width)
-        if max_new < 1:
-            raise ValueError(f"a prompt of {width} tokens leaves no room under "
-                             f"model.max_total_sequence_length={self.max_total_length}")
+        if max_new < 1:  # a run must not die on one over-long (e.g. privileged) prompt: answer it briefly
+            log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
+                        "generating 1 token for its batch", width, self.max_total_length)
+            max_new = 1
         gen_cfg = HFGenerationConfig(  # explicit: never inherit a model's own sampling defaults
             do_sample=not s.greedy, temperature=None if s.greedy else s.temperature,
             top_p=None if s.greedy else s.top_p, top_k=0 if not s.greedy else None, max_new_tokens=max_new,
