@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -34,8 +33,8 @@ from hdpo import distributed as dist
 from hdpo.config import Config, method_name, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
-from hdpo.generation import Rollout, Sampling, make_generator
-from hdpo.io import append_jsonl, atomic_path, read_jsonl, write_json
+from hdpo.generation import Sampling, make_generator
+from hdpo.io import append_jsonl, atomic_dir, atomic_path, read_jsonl, write_json
 from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages, token_logprobs, topk_jsd
 from hdpo.models import autocast, default_device, load_model, load_tokenizer, resolve_model
 from hdpo.reward import RewardScorer
@@ -270,7 +269,8 @@ class Trainer:
         cliffs = select_cliffs(rewards, h.cliff_reward_sum, h.max_cliff_prompts_per_step, sum(n_cliffs_all[:self.rank]))
         # 5-6. privileged rollouts, R=1 filter, teacher top-k on the privileged context
         distill, generated, kept = [], 0, 0
-        gen_tokens = sum(len(r.response_ids) for r in flat)
+        n_grpo_local = sum(len(r.response_ids) for r in flat)  # GRPO's token normaliser (this rank's share)
+        gen_tokens = n_grpo_local
         if self.hdpo_on and cliffs:
             M = cfg.privileged_rollouts
             cliff_problems = [problems[i] for i in cliffs]
@@ -299,7 +299,6 @@ class Trainer:
             times["teacher"], t = time.time() - t, time.time()
 
         # 3 + 6 + 7. the update: both token counts summed over ranks (and micro-batches)
-        n_grpo_local = sum(len(r.response_ids) for r in flat)
         n_distill_local = sum(len(d.response_ids) for d in distill)
         n_grpo, n_distill = dist.sum_all([n_grpo_local, n_distill_local])
         active = [(r, float(a)) for r, a in zip(flat, adv.flatten().tolist()) if a != 0.0]
@@ -380,19 +379,12 @@ class Trainer:
     def save_policy(self, dest: Path, step: int, checkpoint: str) -> None:
         if self.rank != 0:
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
-        meta = {"run": self.run_dir.name, "method": method_name(self.cfg), "seed": self.cfg.seed,
-                "checkpoint": checkpoint, "model_step": step}
-        (tmp / "hdpo_meta.json").write_text(json.dumps(meta, indent=2))
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(dest) as tmp:
+            self.policy.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+            meta = {"run": self.run_dir.name, "method": method_name(self.cfg), "seed": self.cfg.seed,
+                    "checkpoint": checkpoint, "model_step": step}
+            (tmp / "hdpo_meta.json").write_text(json.dumps(meta, indent=2))
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
@@ -471,7 +463,8 @@ class Trainer:
             self.save_policy(self.run_dir / "policy_final", self.state.step, "final")
             best_src = self.work_dir / "policy_best"
             if best_src.exists():
-                _copy_dir(best_src, self.run_dir / "policy_best")
+                with atomic_dir(self.run_dir / "policy_best") as tmp:
+                    shutil.copytree(best_src, tmp, dirs_exist_ok=True)
             rows = read_jsonl(self.metrics_path)
             val = [r for r in rows if r["kind"] == "val"]
             final = {k[4:]: v for k, v in val[-1].items() if k.startswith("val/")} if val else {}
@@ -493,14 +486,6 @@ def _mean_times(times: dict) -> dict:
     names = ["rollout", "reward", "privileged", "teacher", "update", "step"]
     means = dist.sum_all([times.get(n, 0.0) for n in names])
     return {f"time/{n}": round(v / dist.world(), 3) for n, v in zip(names, means)}
-
-
-def _copy_dir(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
 
 
 def train(cfg: Config, data_dir, run_dir, work_dir, model_cache, resume: bool = True) -> dict:
