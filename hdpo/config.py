@@ -61,7 +61,10 @@ class GRPOConfig:
     num_generations_per_prompt: int = 16
     max_num_steps: int = 2000
     use_leave_one_out_baseline: bool = True
-    normalize_rewards: bool = True  # divide advantages by the group's reward std (Algorithm 1's (r-mu)/sigma)
+    normalize_rewards: bool = True  # divide advantages by a reward std (Algorithm 1's (r-mu)/sigma)
+    # which std: "nemo_rl" = of the rewards the baseline averages (NeMo-RL's calculate_baseline_and_std_per_prompt);
+    # "group" = of the whole group (this repo's rule before issue 9)
+    advantage_std: Literal["nemo_rl", "group"] = "nemo_rl"
     ratio_clip_min: float = 0.2
     ratio_clip_max: float = 0.2
     token_level_loss: bool = True

@@ -261,7 +261,8 @@ class Trainer:
         stats_before = self.scorer.stats.as_dict()
         rewards = torch.tensor(self.scorer.score([r.text for r in flat], [p.answer for p in problems for _ in range(K)]))
         rewards = rewards.view(len(problems), K)
-        adv = leave_one_out_advantages(rewards, cfg.grpo.normalize_rewards, cfg.grpo.use_leave_one_out_baseline)
+        adv = leave_one_out_advantages(rewards, cfg.grpo.normalize_rewards, cfg.grpo.use_leave_one_out_baseline,
+                                       std=cfg.grpo.advantage_std)
         times["reward"], t = time.time() - t, time.time()
 
         # 4. cliffs, capped globally per step
