@@ -275,7 +275,8 @@ def _check(cfg: Config) -> None:
     need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     need(0 < o.warmup_start_factor <= 1, "optimizer.warmup_start_factor", "must be in (0, 1]")
-    need(cfg.generation.temperature >= 0, "generation.temperature", "must be >= 0")
+    need(cfg.generation.temperature > 0, "generation.temperature",
+         "must be > 0 (the trainer's log-probs are of softmax(logits / temperature))")
     need(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
     need(cfg.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
     need(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
