@@ -119,6 +119,8 @@ class EvalConfig:
     greedy: bool = True  # also report greedy accuracy
     max_new_tokens: Optional[int] = None  # None: the generation's
     reward_timeout_s: float = 5.0
+    # a timed-out item is scored once more with this longer limit before it counts as 0 (null: never)
+    reward_retry_timeout_s: Optional[float] = 20.0
     reward_workers: int = 2
 
 
@@ -286,6 +288,8 @@ def _check(cfg: Config) -> None:
     for i, k in enumerate(e.pass_k):
         need(1 <= k <= e.num_samples, f"eval.pass_k[{i}]", f"k={k} must be in [1, eval.num_samples={e.num_samples}]")
     need(e.reward_timeout_s > 0, "eval.reward_timeout_s", "must be > 0")
+    need(e.reward_retry_timeout_s is None or e.reward_retry_timeout_s >= e.reward_timeout_s,
+         "eval.reward_retry_timeout_s", "must be >= eval.reward_timeout_s, or null")
     need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
     for i, b in enumerate(cfg.experiment.benchmarks):
         need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")

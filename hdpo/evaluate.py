@@ -85,7 +85,8 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
                          cfg.model.max_total_sequence_length, cfg.generation.gpu_memory_utilization)
     log.info("evaluating %s on %s (%d problems x %d samples + greedy)", model_dir, benchmark, len(problems),
              cfg.eval.num_samples)
-    with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s) as scorer:
+    with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,
+                      retry_timeout_s=cfg.eval.reward_retry_timeout_s) as scorer:
         summary, records = score_problems(problems, gen, tok, scorer, cfg, benchmark)
         reward_stats = scorer.stats.as_dict()
     meta = _model_meta(model_dir)

@@ -233,7 +233,8 @@ class Trainer:
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_factor(s, o.warmup_steps, o.warmup_start_factor))
-        self.scorer = RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s)
+        self.scorer = RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,
+                                   retry_timeout_s=cfg.eval.reward_retry_timeout_s)
         self.scorer.start()  # workers warm up while the models load
         self.sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens or cfg.model.max_total_sequence_length)
         self.state = TrainState()
