@@ -61,7 +61,10 @@ class GRPOConfig:
     num_generations_per_prompt: int = 16
     max_num_steps: int = 2000
     use_leave_one_out_baseline: bool = True
-    normalize_rewards: bool = True  # divide advantages by the group's reward std (Algorithm 1's (r-mu)/sigma)
+    normalize_rewards: bool = True  # divide advantages by a reward std (Algorithm 1's (r-mu)/sigma)
+    # which std: "nemo_rl" = of the rewards the baseline averages (NeMo-RL's calculate_baseline_and_std_per_prompt);
+    # "group" = of the whole group (this repo's rule before issue 9)
+    advantage_std: Literal["nemo_rl", "group"] = "nemo_rl"
     ratio_clip_min: float = 0.2
     ratio_clip_max: float = 0.2
     token_level_loss: bool = True
@@ -116,6 +119,8 @@ class EvalConfig:
     greedy: bool = True  # also report greedy accuracy
     max_new_tokens: Optional[int] = None  # None: the generation's
     reward_timeout_s: float = 5.0
+    # a timed-out item is scored once more with this longer limit before it counts as 0 (null: never)
+    reward_retry_timeout_s: Optional[float] = 20.0
     reward_workers: int = 2
 
 
@@ -272,7 +277,8 @@ def _check(cfg: Config) -> None:
     need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     need(0 < o.warmup_start_factor <= 1, "optimizer.warmup_start_factor", "must be in (0, 1]")
-    need(cfg.generation.temperature >= 0, "generation.temperature", "must be >= 0")
+    need(cfg.generation.temperature > 0, "generation.temperature",
+         "must be > 0 (the trainer's log-probs are of softmax(logits / temperature))")
     need(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
     need(cfg.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
     need(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
@@ -282,6 +288,8 @@ def _check(cfg: Config) -> None:
     for i, k in enumerate(e.pass_k):
         need(1 <= k <= e.num_samples, f"eval.pass_k[{i}]", f"k={k} must be in [1, eval.num_samples={e.num_samples}]")
     need(e.reward_timeout_s > 0, "eval.reward_timeout_s", "must be > 0")
+    need(e.reward_retry_timeout_s is None or e.reward_retry_timeout_s >= e.reward_timeout_s,
+         "eval.reward_retry_timeout_s", "must be >= eval.reward_timeout_s, or null")
     need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
     for i, b in enumerate(cfg.experiment.benchmarks):
         need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")

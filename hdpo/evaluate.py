@@ -11,7 +11,7 @@ from typing import Optional
 
 from hdpo.config import Config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
-from hdpo.generation import Generator, Sampling
+from hdpo.generation import Generator, Sampling, problem_seed
 from hdpo.io import write_json, write_jsonl
 from hdpo.passk import mean_pass_at_k
 from hdpo.reward import RewardScorer
@@ -26,13 +26,18 @@ def eval_sampling(cfg: Config) -> tuple[Sampling, Sampling]:
 
 
 def score_problems(problems: list[Problem], generator: Generator, tokenizer, scorer: RewardScorer,
-                   cfg: Config) -> tuple[dict, list[dict]]:
-    """-> (summary with pass@k, greedy_acc and counts, one record per problem)."""
+                   cfg: Config, benchmark: str) -> tuple[dict, list[dict]]:
+    """-> (summary with pass@k, greedy_acc and counts, one record per problem).
+
+    A problem's samples are drawn from the seed (cfg.seed, benchmark, problem id): the same checkpoint gives
+    the same samples in any job order, on any number of ranks and at any generation.batch_size.
+    """
     t0 = time.time()
     n = cfg.eval.num_samples
     sampled, greedy = eval_sampling(cfg)
     prompts = [render_prompt(tokenizer, build_messages(p, cfg.data.system_prompt)) for p in problems]
-    samples = generator.generate(prompts, n, sampled)
+    seeds = [problem_seed(cfg.seed, benchmark, p.id) for p in problems]
+    samples = generator.generate(prompts, n, sampled, seeds=seeds)
     texts = [r.text for group in samples for r in group]
     golds = [p.answer for p in problems for _ in range(n)]
     scores = scorer.score_with_status(texts, golds)
@@ -80,8 +85,9 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
                          cfg.model.max_total_sequence_length, cfg.generation.gpu_memory_utilization)
     log.info("evaluating %s on %s (%d problems x %d samples + greedy)", model_dir, benchmark, len(problems),
              cfg.eval.num_samples)
-    with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s) as scorer:
-        summary, records = score_problems(problems, gen, tok, scorer, cfg)
+    with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,
+                      retry_timeout_s=cfg.eval.reward_retry_timeout_s) as scorer:
+        summary, records = score_problems(problems, gen, tok, scorer, cfg, benchmark)
         reward_stats = scorer.stats.as_dict()
     meta = _model_meta(model_dir)
     result = {**meta, "benchmark": benchmark, **summary, "reward_stats": reward_stats}

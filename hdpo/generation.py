@@ -4,13 +4,27 @@ The trainer only sees `Generator.generate(prompts, n, sampling) -> rollouts per 
 `Generator.update_weights(model)` after each optimizer step. The transformers backend samples from the live
 policy module itself (so its weights are always current); a vLLM backend keeps its own copy of the weights
 and must reload them in `update_weights`.
+
+What is sampled (both backends): exactly softmax(logits / temperature), cut to the top-p nucleus when
+top_p < 1, and nothing else: no repetition penalty, top-k, n-gram ban or any other setting a checkpoint's
+`generation_config.json` may carry. `Rollout.logprobs` are log_softmax(logits / temperature) of the sampled
+tokens, the distribution the trainer's log-probs use (before the top-p cut; the paper's top_p is 1).
+
+Seeds: every sample draws from its own random stream, a pure function of (the prompt's seed, the sample's
+index). `generate(..., seeds=...)` gives one seed per prompt (evaluation: from (seed, benchmark, problem),
+`problem_seed`); without seeds they are drawn from torch's RNG, which the trainer seeds per step and rank.
+So which tokens a sample gets does not depend on the batch it shares, the batch size, the job order or the
+number of ranks, up to float round-off in batched forwards (a draw moves only when round-off swaps its two
+best Gumbel-perturbed scores: rare), and given the device (CPU and CUDA random streams differ).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -30,45 +44,93 @@ class Sampling:
 class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]  # up to and including EOS when `finished`
-    logprobs: list[float]  # the sampling model's log-probs (no temperature) of response_ids
+    logprobs: list[float]  # the sampling model's log_softmax(logits / temperature) at response_ids
     text: str  # decoded response, special tokens skipped
     finished: bool  # stopped at EOS (else cut at max_new_tokens)
 
 
 class Generator:
-    def generate(self, prompts: list[str], n: int, sampling: Sampling) -> list[list[Rollout]]:
+    def generate(self, prompts: list[str], n: int, sampling: Sampling,
+                 seeds: Optional[list[int]] = None) -> list[list[Rollout]]:
+        """n samples per prompt; `seeds`: one per prompt (see the module docstring), None: from torch's RNG."""
         raise NotImplementedError
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Called after every optimizer step with the updated policy."""
 
 
-class _SampledLogprobs(LogitsProcessor):
-    """Records log p(token) of each sampled token from the model's raw logits, holding one step's
-    distribution at a time instead of every step's full-vocabulary scores."""
+# --- seeds ------------------------------------------------------------------------------------------------
 
-    def __init__(self):
-        self.prev: Optional[torch.Tensor] = None
+def stream_seed(*parts) -> int:
+    """A 31-bit seed from ints and strings (strings hashed with sha256: stable across processes, unlike hash())."""
+    ints = []
+    for part in parts:
+        if isinstance(part, str):
+            ints.extend(np.frombuffer(hashlib.sha256(part.encode()).digest()[:16], dtype=np.uint32).tolist())
+        else:
+            ints.append(int(part) & 0xFFFFFFFF)
+    return int(np.random.SeedSequence(ints).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def problem_seed(seed: int, benchmark: str, problem_id: str) -> int:
+    """The seed of one problem's samples in evaluation and validation."""
+    return stream_seed(seed, benchmark, str(problem_id))
+
+
+def sample_seeds(seeds: Optional[list[int]], num_prompts: int, n: int) -> list[int]:
+    """One seed per sample, prompt-major (sample j of prompt i at i * n + j)."""
+    if seeds is None:  # from torch's RNG, which the trainer seeds per (seed, step, rank)
+        seeds = torch.randint(0, 2**31 - 1, (num_prompts,)).tolist()
+    if len(seeds) != num_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {num_prompts} prompts")
+    return [stream_seed(s, j) for s in seeds for j in range(n)]
+
+
+class _Sampler(LogitsProcessor):
+    """Draws each row's next token itself, from the model's raw logits, and hands `generate` (greedy) a
+    one-hot score so it takes exactly that token. Each row has its own torch.Generator (on the model's device),
+    so its draws do not depend on the other rows. The draw is the Gumbel-max trick: argmax of
+    log_softmax(logits / T) + Gumbel noise (a fresh noise vector per row and step), which samples
+    softmax(logits / T) exactly and, unlike an inverse-CDF draw over a cumulative sum of the whole vocabulary,
+    moves only if round-off changes the order of the two best perturbed scores. It records
+    log_softmax(logits / T) of the chosen token, and ends a row with EOS once it reaches its own length limit
+    (that EOS is cut off again: the row's room is its own prompt's, not the padded batch's)."""
+
+    def __init__(self, s: Sampling, seeds: list[int], width: int, limits: list[int], eos_id: int,
+                 device: torch.device = torch.device("cpu")):
+        self.s, self.width, self.limits, self.eos_id = s, width, limits, eos_id
+        self.gens = None if s.greedy else [torch.Generator(device=device).manual_seed(x) for x in seeds]
         self.steps: list[torch.Tensor] = []
 
-    def _take(self, chosen: torch.Tensor) -> None:
-        self.steps.append(self.prev.gather(-1, chosen[:, None]).squeeze(-1))
-
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.prev is not None:
-            self._take(input_ids[:, -1])
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        logits = scores.float()
+        if self.s.greedy:
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = logp.argmax(-1)
+        else:
+            logp = torch.log_softmax(logits / self.s.temperature, dim=-1)
+            perturbed = logp
+            if self.s.top_p < 1.0:  # keep the most likely tokens whose mass before them is below top_p
+                sp, order = logp.exp().sort(-1, descending=True)
+                drop_sorted = (sp.cumsum(-1) - sp) >= self.s.top_p
+                perturbed = logp.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+            u = torch.stack([torch.rand(logp.shape[-1], generator=g, device=g.device) for g in self.gens])
+            gumbel = -torch.log(-torch.log(u.to(logp.device).clamp(1e-20, 1.0 - 1e-7)))
+            chosen = (perturbed + gumbel).argmax(-1)
+        self.steps.append(logp.gather(-1, chosen[:, None]).squeeze(-1))
+        t = input_ids.shape[1] - self.width  # tokens generated so far
+        for i, limit in enumerate(self.limits):
+            if t >= limit:
+                chosen[i] = self.eos_id
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, chosen[:, None], 0.0)
 
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        if self.prev is not None:
-            self._take(sequences[:, -1])
-        self.prev = None
-        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(sequences.shape[0], 0)
+    def logprobs(self, batch: int) -> torch.Tensor:
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(batch, 0)
 
 
 class TransformersGenerator(Generator):
-    """Batched `model.generate` with left padding, stopping at EOS."""
+    """Batched `model.generate` with left padding, stopping at EOS; sampling by `_Sampler`."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_total_length: int):
         self.model, self.tok = model, tokenizer
@@ -76,40 +138,52 @@ class TransformersGenerator(Generator):
         self.eos_ids = _eos_ids(model, tokenizer)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, sampling: Sampling) -> list[list[Rollout]]:
+    def generate(self, prompts: list[str], n: int, sampling: Sampling,
+                 seeds: Optional[list[int]] = None) -> list[list[Rollout]]:
         flat = [p for p in prompts for _ in range(n)]  # n samples of a prompt sit together
+        flat_seeds = sample_seeds(seeds, len(prompts), n)
         out: list[Rollout] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(flat), self.batch_size):
-                out.extend(self._generate_batch(flat[start:start + self.batch_size], sampling))
+                out.extend(self._generate_batch(flat[start:start + self.batch_size],
+                                                flat_seeds[start:start + self.batch_size], sampling))
         finally:
             self.model.train(was_training)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _generate_batch(self, prompts: list[str], s: Sampling) -> list[Rollout]:
+    def _generate_batch(self, prompts: list[str], seeds: list[int], s: Sampling) -> list[Rollout]:
         device = next(self.model.parameters()).device
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         width = enc.input_ids.shape[1]
-        max_new = min(s.max_new_tokens, self.max_total_length - width)
-        if max_new < 1:  # a run must not die on one over-long (e.g. privileged) prompt: answer it briefly
-            log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
-                        "generating 1 token for its batch", width, self.max_total_length)
-            max_new = 1
-        gen_cfg = HFGenerationConfig(  # explicit: never inherit a model's own sampling defaults
-            do_sample=not s.greedy, temperature=None if s.greedy else s.temperature,
-            top_p=None if s.greedy else s.top_p, top_k=0 if not s.greedy else None, max_new_tokens=max_new,
-            eos_token_id=self.eos_ids, pad_token_id=self.tok.pad_token_id)
-        recorder = _SampledLogprobs()
-        seqs = self.model.generate(**enc, generation_config=gen_cfg,
-                                   logits_processor=LogitsProcessorList([recorder]))
-        logprobs = recorder.finish(seqs).cpu()
+        lengths = enc.attention_mask.sum(-1).tolist()
+        limits = []
+        for length in lengths:
+            room = min(s.max_new_tokens, self.max_total_length - length)
+            if room < 1:  # a run must not die on one over-long (e.g. privileged) prompt: answer it briefly
+                log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
+                            "generating 1 token for it", length, self.max_total_length)
+                room = 1
+            limits.append(room)
+        # Nothing inherited: transformers fills every field `generate` is not given from the model's own
+        # generation config (a checkpoint's repetition_penalty, top_k, no_repeat_ngram_size, ...), so the
+        # model's config is swapped for a bare one while generating, and `_Sampler` is the only processor.
+        bare = HFGenerationConfig(do_sample=False, max_new_tokens=max(limits), eos_token_id=self.eos_ids,
+                                  pad_token_id=self.tok.pad_token_id)
+        sampler = _Sampler(s, seeds, width, limits, self.eos_ids[0], device)
+        own = self.model.generation_config
+        self.model.generation_config = HFGenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.tok.pad_token_id)
+        try:
+            seqs = self.model.generate(**enc, generation_config=bare, logits_processor=LogitsProcessorList([sampler]))
+        finally:
+            self.model.generation_config = own
+        logprobs = sampler.logprobs(len(prompts)).cpu()
         responses = seqs[:, width:].cpu()
         rollouts = []
         for i in range(len(prompts)):
             prompt_ids = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
-            ids = responses[i].tolist()
+            ids = responses[i, :limits[i]].tolist()
             end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
             finished = end is not None
             ids = ids[:end + 1] if finished else ids

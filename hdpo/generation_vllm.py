@@ -7,16 +7,23 @@ and never through a pipe. Under torchrun each rank's engine uses `distributed_ex
 "external_launcher"` with tensor parallelism 1, as TRL's GRPO trainer does in `vllm_mode="colocate"`: every
 rank samples its own share of the prompts with its own weights replica.
 
-Sampling. The same settings as the transformers backend: temperature, top_p, no top-k cut, at most
-max_new_tokens (and never past model.max_total_sequence_length), stop at any EOS id of the model's generation
-config or tokenizer, `greedy` = temperature 0. Prompts are tokenised here with the trainer's tokenizer and
+Sampling. The same distribution as the transformers backend: temperature, top_p, and every other
+SamplingParams field that could change it set to its neutral value explicitly (top_k -1, min_p 0, repetition,
+presence and frequency penalties off, min_tokens 0), and the engine started with `generation_config="vllm"`
+so a checkpoint's generation_config.json never supplies defaults; at most max_new_tokens (and never past
+model.max_total_sequence_length), stop at any EOS id of the model's generation config or tokenizer,
+`greedy` = temperature 0. Prompts are tokenised here with the trainer's tokenizer and
 passed as token ids (`{"prompt_token_ids": ...}`), responses are decoded here, so both backends see and
-return the same ids and text. Each of the n samples of a prompt is its own request with a seed drawn from
-torch's RNG (which the trainer seeds per step and rank), so a step's samples are a function of (seed, step,
-rank) up to vLLM's batch-dependent numerics; prefix caching shares the prompt's KV between the n requests.
-Log-probs: `logprobs=0` returns the sampled token's log-prob; `logprobs_mode="raw_logprobs"` (where the
-installed vLLM has it, 0.10+) makes it the model's own log-softmax, before temperature and top-p, which is
-what `Rollout.logprobs` holds for the transformers backend too.
+return the same ids and text. Each of the n samples of a prompt is its own request with its own seed, a
+function of (the prompt's seed, the sample's index) as in hdpo.generation: evaluation passes per-problem seeds,
+training draws them from torch's RNG (seeded per step and rank); vLLM gives a seeded request its own generator,
+so a sample does not depend on its batch, up to vLLM's batch-dependent numerics; prefix caching shares the
+prompt's KV between the n requests.
+Log-probs: `logprobs=0` returns the sampled token's log-prob; `logprobs_mode="processed_logprobs"` (where the
+installed vLLM has it, 0.10+) makes it log_softmax(logits / temperature), what the trainer computes and what
+`Rollout.logprobs` holds for the transformers backend too (with top_p < 1 vLLM's is the renormalised
+nucleus's, the transformers backend's is before the cut; the paper's top_p is 1). A vLLM without
+`logprobs_mode` reports raw log-probs (temperature 1): the mismatch metric is then off by the temperature.
 
 Weight sync. `update_weights(model)` runs after every optimizer step: the policy's `state_dict()` (HF names)
 goes to the engine model's own `load_weights`, vLLM's loader for HF checkpoints (it fuses q/k/v and gate/up,
@@ -60,7 +67,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from hdpo.generation import Generator, Rollout, Sampling, _eos_ids
+from hdpo.generation import Generator, Rollout, Sampling, _eos_ids, sample_seeds
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +120,11 @@ def logprob_mismatch(rollouts: Sequence[Rollout], trainer_logprobs: Sequence) ->
 
 
 def sampling_kwargs(s: Sampling, max_new: int, eos_ids: Sequence[int], seed: Optional[int]) -> dict:
-    """vLLM `SamplingParams` arguments for one request (one sample)."""
-    kw: dict[str, Any] = dict(n=1, max_tokens=max_new, logprobs=0, stop_token_ids=list(eos_ids), detokenize=False)
+    """vLLM `SamplingParams` arguments for one request (one sample). Every field that shapes the distribution
+    is given, at its neutral value where we do not use it: nothing is left to a default."""
+    kw: dict[str, Any] = dict(n=1, max_tokens=max_new, logprobs=0, stop_token_ids=list(eos_ids), detokenize=False,
+                              top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                              frequency_penalty=0.0, min_tokens=0)
     if s.greedy or s.temperature == 0:
         kw["temperature"] = 0.0  # vLLM: greedy
     else:
@@ -293,7 +303,7 @@ def build_engine_kwargs(model_path: str, dtype: str, max_model_len: int, gpu_mem
     if distributed:  # torchrun: one independent engine per rank, on its own GPU (TRL's colocate mode)
         kw["distributed_executor_backend"] = "external_launcher"
     optional = {"generation_config": "vllm",  # never inherit the checkpoint's sampling defaults
-                "logprobs_mode": "raw_logprobs"}  # log-probs before temperature / top-p (vLLM 0.10+)
+                "logprobs_mode": "processed_logprobs"}  # log_softmax(logits / T), the trainer's (vLLM 0.10+)
     kw.update({k: v for k, v in optional.items() if k in engine_fields})
     return kw
 
@@ -332,10 +342,12 @@ class VLLMGenerator(Generator):
         self.last_sync: dict = {}
 
     # -- Generator interface ---------------------------------------------------------------------------
-    def generate(self, prompts: list[str], n: int, sampling: Sampling) -> list[list[Rollout]]:
+    def generate(self, prompts: list[str], n: int, sampling: Sampling,
+                 seeds: Optional[list[int]] = None) -> list[list[Rollout]]:
         self._ensure_loaded()
         ids = self.tok(prompts, add_special_tokens=False).input_ids
-        flat = self._run([p for p in ids for _ in range(n)], sampling)  # n samples of a prompt sit together
+        flat_seeds = sample_seeds(seeds, len(prompts), n)
+        flat = self._run([p for p in ids for _ in range(n)], sampling, flat_seeds)  # a prompt's n samples together
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -383,9 +395,8 @@ class VLLMGenerator(Generator):
         log.info("vLLM probe: engine vs trainer log-probs differ by %.2e nats per token", gap)
         return gap
 
-    def _run(self, prompt_ids: list[list[int]], s: Sampling) -> list[Rollout]:
-        seeds = [None] * len(prompt_ids) if s.greedy else \
-            torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()  # from the trainer-seeded torch RNG
+    def _run(self, prompt_ids: list[list[int]], s: Sampling, seeds: Optional[list[int]] = None) -> list[Rollout]:
+        seeds = [None] * len(prompt_ids) if s.greedy or seeds is None else seeds
         params = []
         for ids, seed in zip(prompt_ids, seeds):
             max_new = min(s.max_new_tokens, self.max_total_length - len(ids))

@@ -16,22 +16,41 @@ LN2 = math.log(2.0)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, normalize: bool = True, leave_one_out: bool = True,
-                             eps: float = 1e-6) -> torch.Tensor:
+                             eps: float = 1e-6, std: str = "nemo_rl") -> torch.Tensor:
     """rewards [G, K] -> advantages [G, K].
 
-    Baseline of rollout i: the mean of the other K-1 rewards of its group (or of all K). With `normalize`,
-    divided by the group's sample std (NeMo-RL's `normalize_rewards`). A group with equal rewards gets
-    exactly zero advantages either way: the cliff that HDPO fills in.
+    Baseline of rollout i: the mean of the other K-1 rewards of its group (`leave_one_out`) or of all K.
+    With `normalize` (NeMo-RL's `normalize_rewards`) the difference is divided by std + eps where std > 0 and
+    left unscaled where std = 0, with std, by `std`:
+      "nemo_rl": the unbiased std of the same rewards the baseline averages (the other K-1 with
+        `leave_one_out`, else all K), as NeMo-RL's `calculate_baseline_and_std_per_prompt`
+        (nemo_rl/algorithms/utils.py) and its GRPO advantage step;
+      "group": the unbiased std of all K rewards of the group for every rollout (this repo's rule before
+        NeMo-RL's was adopted).
+    A group with equal rewards gets exactly zero advantages either way: the cliff that HDPO fills in.
     """
-    rewards = rewards.to(torch.float32)
-    k = rewards.shape[-1]
-    total = rewards.sum(-1, keepdim=True)
-    baseline = (total - rewards) / (k - 1) if leave_one_out else total / k
-    adv = rewards - baseline
+    if std not in ("nemo_rl", "group"):
+        raise ValueError(f"advantage std rule {std!r} is not 'nemo_rl' or 'group'")
+    r = rewards.to(torch.float64)  # the moments below subtract nearly equal numbers
+    k = r.shape[-1]
+    total, total_sq = r.sum(-1, keepdim=True), (r * r).sum(-1, keepdim=True)
+    if leave_one_out:
+        n = k - 1
+        mean, mean_sq = (total - r) / n, (total_sq - r * r) / n
+    else:
+        n = k
+        mean, mean_sq = total.expand_as(r) / n, total_sq.expand_as(r) / n
+    adv = r - mean
     if normalize:
-        std = rewards.std(-1, keepdim=True)  # unbiased, as torch.std
-        adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
-    return adv
+        if std == "group":
+            sd = r.std(-1, keepdim=True).expand_as(r)
+        elif n > 1:  # Bessel's correction over the n rewards the baseline uses
+            sd = ((mean_sq - mean * mean).clamp_min(0.0) * (n / (n - 1))).sqrt()
+        else:  # one other reward: no spread to measure (NeMo-RL's nan_to_num(0)), advantage unscaled
+            sd = torch.zeros_like(r)
+        sd = torch.where(sd > 1e-12, sd, torch.zeros_like(sd))  # round-off of an all-equal set is 0
+        adv = torch.where(sd > 0, adv / (sd + eps), adv)
+    return adv.to(torch.float32)
 
 
 def grpo_token_loss_sum(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

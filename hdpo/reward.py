@@ -4,6 +4,11 @@ math-verify limits its own parse/verify time with signal.alarm, which only works
 cannot interrupt C code (a regex or big-integer step). So `RewardScorer` scores in a pool of spawned worker
 processes, where each task runs in the worker's main thread and math-verify's alarms work, and the parent adds
 a hard guard: an item that outlives it scores 0 as a timeout and the pool is killed and rebuilt.
+
+A verdict should not depend on machine load: an item that times out is scored once more with the longer limit
+`retry_timeout_s` (config `eval.reward_retry_timeout_s`) before it counts as 0. Both limits are hard, so a
+hang still cannot stall training; `RewardStats.timeouts` counts the items that timed out twice (scored 0),
+`timeouts_retried` those that timed out at the first limit.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ class RewardStats:
     correct: int = 0
     parse_failures: int = 0  # nothing extracted from the response
     gold_unparseable: int = 0
-    timeouts: int = 0
+    timeouts: int = 0  # timed out at both limits: scored 0
+    timeouts_retried: int = 0  # timed out at the first limit and were scored again with the longer one
     errors: int = 0
 
     def as_dict(self) -> dict:
@@ -103,12 +109,18 @@ class RewardScorer:
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, guard_s: Optional[float] = None,
-                 _task: Callable[[str, str, float], tuple[float, str]] = score_one):
+                 _task: Callable[[str, str, float], tuple[float, str]] = score_one,
+                 retry_timeout_s: Optional[float] = None, retry_guard_s: Optional[float] = None):
         if workers < 0 or timeout_s <= 0:
             raise ValueError(f"RewardScorer needs workers >= 0 and timeout_s > 0, got {workers}, {timeout_s}")
+        if retry_timeout_s is not None and retry_timeout_s < timeout_s:
+            raise ValueError(f"RewardScorer: retry_timeout_s={retry_timeout_s} is below timeout_s={timeout_s}")
         self.workers = workers
         self.timeout_s = timeout_s
         self.guard_s = guard_s if guard_s is not None else 6 * math.ceil(timeout_s) + 5
+        self.retry_timeout_s = retry_timeout_s  # None: a timeout scores 0 at once
+        self.retry_guard_s = retry_guard_s if retry_guard_s is not None else \
+            6 * math.ceil(retry_timeout_s or timeout_s) + 5
         self.stats = RewardStats()
         self._task = _task  # tests inject a module-level function that hangs
         self._pool: Optional[cf.ProcessPoolExecutor] = None
@@ -164,17 +176,30 @@ class RewardScorer:
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
         items = list(zip(responses, golds))
-        if self.workers == 0:
-            results = [self._task(r, g, self.timeout_s) for r, g in items]
-        else:
-            results = self._score_in_pool(items)
+        results = self._score_items(items, self.timeout_s, self.guard_s)
+        if self.retry_timeout_s is not None:  # a timeout may be the machine's load: once more, with more time
+            again = [i for i, (_, status) in enumerate(results) if status == "timeout"]
+            if again:
+                logger.info("re-scoring %d timed-out item(s) with a %g s limit", len(again), self.retry_timeout_s)
+                redo = self._score_items([items[i] for i in again], self.retry_timeout_s, self.retry_guard_s)
+                for i, r in zip(again, redo):
+                    results[i] = r
+                self.stats.timeouts_retried += len(again)
         for (resp, gold), (_, status) in zip(items, results):
             self._record(resp, gold, status)
         return results
 
-    def _score_in_pool(self, items: list[tuple[str, str]]) -> list[tuple[float, str]]:
+    def _score_items(self, items: list[tuple[str, str]], timeout_s: float, guard_s: float) -> list[tuple[float, str]]:
+        if self.workers == 0:
+            return [self._task(r, g, timeout_s) for r, g in items]
+        return self._score_in_pool(items, timeout_s, guard_s)
+
+    def _score_in_pool(self, items: list[tuple[str, str]], timeout_s: Optional[float] = None,
+                       guard_s: Optional[float] = None) -> list[tuple[float, str]]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        guard_s = self.guard_s if guard_s is None else guard_s
         self._start_and_wait()
-        submit = lambda i: self._pool.submit(self._task, items[i][0], items[i][1], self.timeout_s)  # noqa: E731
+        submit = lambda i: self._pool.submit(self._task, items[i][0], items[i][1], timeout_s)  # noqa: E731
         futures = [submit(i) for i in range(len(items))]
         results: list[tuple[float, str]] = []
         crashed: set[int] = set()
@@ -183,7 +208,7 @@ class RewardScorer:
         # when its wait runs out.
         while i < len(items):
             try:
-                results.append(futures[i].result(timeout=self.guard_s))
+                results.append(futures[i].result(timeout=guard_s))
             except cf.TimeoutError:
                 results.append((0.0, "timeout"))
                 self._restart(futures, i + 1, submit)

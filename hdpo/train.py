@@ -116,10 +116,12 @@ class DistillItem:
 
 @torch.no_grad()
 def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[int]], k: int, pad_id: int,
-                 micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 micro: int, temperature: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher's top-k logits / temperature (its distribution at the sampling temperature) and ids."""
     out = []
     for s in range(0, len(responses), micro):
         logits, _, _ = response_logits(teacher, priv_prompts[s:s + micro], responses[s:s + micro], pad_id)
+        logits = logits.float() / temperature
         vals, ids = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
         for j, r in enumerate(responses[s:s + micro]):
             out.append((vals[j, :len(r)].cpu(), ids[j, :len(r)].cpu()))
@@ -129,13 +131,16 @@ def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[in
 def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], distill: list[DistillItem],
                          n_grpo: float, n_distill: float, distill_weight: float, micro: int, pad_id: int,
                          clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None,
-                         sampler_logprobs: Optional[list[list[float]]] = None, amp=contextlib.nullcontext) -> dict:
+                         sampler_logprobs: Optional[list[list[float]]] = None, amp=contextlib.nullcontext,
+                         temperature: float = 1.0) -> dict:
     """Backward of L_GRPO/N_grpo + lambda L_JSD/N_distill for this rank's share, micro-batch by micro-batch.
 
     `grpo` holds (prompt ids, response ids, advantage) of the rollouts with a non-zero advantage (the others
     contribute exactly zero loss and gradient, but their tokens count in the global `n_grpo`).
     `old_logprobs`: pi_old per token; None means on-policy (pi_old = the current weights, detached).
     `sampler_logprobs`: the generator's log-probs of the same tokens, to measure engine/trainer mismatch.
+    `temperature`: the rollouts' sampling temperature; every log-prob here is of softmax(logits / T), the
+    distribution the rollouts were drawn from (as TRL and verl do).
     Returns this rank's loss parts (already divided by the global counts) and the mismatch sums, for logging.
     """
     device = next(model.parameters()).device
@@ -144,7 +149,7 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
         chunk = grpo[s:s + micro]
         with amp():  # the forward in mixed precision; the loss math below in float32
             logits, mask, ids = response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id)
-        lp = token_logprobs(logits, ids.unsqueeze(-1)).squeeze(-1)
+        lp = token_logprobs(logits.float() / temperature, ids.unsqueeze(-1)).squeeze(-1)
         if old_logprobs is None:
             old = lp.detach()
         else:
@@ -171,7 +176,7 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
         t_ids = torch.zeros(len(chunk), T, k, dtype=torch.long)
         for j, c in enumerate(chunk):
             t_vals[j, :len(c.response_ids)], t_ids[j, :len(c.response_ids)] = c.topk_logits, c.topk_ids
-        student = token_logprobs(logits, t_ids.to(device))
+        student = token_logprobs(logits.float() / temperature, t_ids.to(device))
         jsd = (topk_jsd(t_vals.to(device), student) * mask).sum() / n_distill
         (distill_weight * jsd).backward()
         parts["jsd"] += jsd.item()
@@ -228,7 +233,8 @@ class Trainer:
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_factor(s, o.warmup_steps, o.warmup_start_factor))
-        self.scorer = RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s)
+        self.scorer = RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,
+                                   retry_timeout_s=cfg.eval.reward_retry_timeout_s)
         self.scorer.start()  # workers warm up while the models load
         self.sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens or cfg.model.max_total_sequence_length)
         self.state = TrainState()
@@ -261,7 +267,8 @@ class Trainer:
         stats_before = self.scorer.stats.as_dict()
         rewards = torch.tensor(self.scorer.score([r.text for r in flat], [p.answer for p in problems for _ in range(K)]))
         rewards = rewards.view(len(problems), K)
-        adv = leave_one_out_advantages(rewards, cfg.grpo.normalize_rewards, cfg.grpo.use_leave_one_out_baseline)
+        adv = leave_one_out_advantages(rewards, cfg.grpo.normalize_rewards, cfg.grpo.use_leave_one_out_baseline,
+                                       std=cfg.grpo.advantage_std)
         times["reward"], t = time.time() - t, time.time()
 
         # 4. cliffs, capped globally per step
@@ -293,7 +300,8 @@ class Trainer:
                 teacher.eval()
                 with self.amp():
                     tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
-                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size)
+                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size,
+                                      temperature=self.sampling.temperature)
                 teacher.train(was)
                 distill = [DistillItem(plain_ids[ci], r.response_ids, v, i) for (ci, r), (v, i) in zip(keep, tk)]
             times["teacher"], t = time.time() - t, time.time()
@@ -313,7 +321,8 @@ class Trainer:
         parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
                                      cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
-                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp)
+                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp,
+                                     temperature=self.sampling.temperature)
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
         loss = loss_grpo + h.distill_weight * loss_jsd
@@ -357,7 +366,7 @@ class Trainer:
         mine = self.val_set[self.rank::self.world]
         seed_everything(self.cfg.seed, 10**6 + step, self.rank)
         with self.amp():
-            _, records = score_problems(mine, self.generator, self.tok, self.scorer, self.cfg)
+            _, records = score_problems(mine, self.generator, self.tok, self.scorer, self.cfg, "validation")
         counts = [c for part in dist.gather([r["num_correct"] for r in records]) for c in part]
         greedy = [g for part in dist.gather([r.get("greedy", {}).get("reward") for r in records]) for g in part]
         res = summarise(counts, greedy, self.cfg.eval.num_samples, self.cfg.eval.pass_k)

@@ -94,7 +94,7 @@ def test_logprob_mismatch_by_hand():
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_transformers_logprobs_are_the_models_own(tiny, temperature, top_p):
-    """Recorded log-probs = log_softmax of a teacher-forced forward (no temperature, no top-p) at each token."""
+    """Recorded log-probs = log_softmax(logits / T) of a teacher-forced forward (before top-p) at each token."""
     model, tok = tiny
     gen = TransformersGenerator(model, tok, batch_size=8, max_total_length=512)
     torch.manual_seed(0)
@@ -102,8 +102,11 @@ def test_transformers_logprobs_are_the_models_own(tiny, temperature, top_p):
     for g in groups:
         for r in g:
             assert len(r.logprobs) == len(r.response_ids) > 0
-            ref = teacher_forced_logprobs(model, r.prompt_ids, r.response_ids)
-            assert max(abs(a - b) for a, b in zip(r.logprobs, ref)) < 1e-4
+            with torch.no_grad():
+                ids = torch.tensor([r.prompt_ids + r.response_ids])
+                logits = model(input_ids=ids, logits_to_keep=len(r.response_ids) + 1).logits[0, :-1].float()
+            ref = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(r.response_ids)[:, None])
+            assert max(abs(a - b) for a, b in zip(r.logprobs, ref.squeeze(-1).tolist())) < 1e-4
 
 
 def test_transformers_groups_eos_and_cut(tiny):
@@ -186,7 +189,8 @@ class FakeLLM:
             rng = torch.Generator().manual_seed(seed) if seed is not None else None
             for _ in range(sp.max_tokens):
                 logits = self.model(input_ids=torch.tensor([ids + toks]), logits_to_keep=1).logits[0, -1].float()
-                logp = torch.log_softmax(logits, -1)
+                # vLLM's logprobs_mode="processed_logprobs": log_softmax(logits / T), T = 1 for greedy
+                logp = torch.log_softmax(logits / (sp.temperature or 1.0), -1)
                 if sp.temperature == 0:
                     t = int(logp.argmax())
                 else:
@@ -353,7 +357,7 @@ def test_completion_to_rollout(tiny):
 def test_engine_kwargs():
     base = build_engine_kwargs("m", "bfloat16", 4096, 0.5, {"model", "logprobs_mode"}, distributed=False)
     assert base["gpu_memory_utilization"] == 0.5 and base["max_model_len"] == 4096 and base["dtype"] == "bfloat16"
-    assert base["logprobs_mode"] == "raw_logprobs" and "generation_config" not in base
+    assert base["logprobs_mode"] == "processed_logprobs" and "generation_config" not in base
     assert "distributed_executor_backend" not in base
     dist = build_engine_kwargs("m", "bfloat16", 4096, 0.5, set(), distributed=True)
     assert dist["distributed_executor_backend"] == "external_launcher" and dist["tensor_parallel_size"] == 1

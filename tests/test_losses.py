@@ -1,6 +1,7 @@
 """The loss math against brute-force references."""
 import itertools
 import math
+import statistics
 
 import pytest
 import torch
@@ -81,18 +82,64 @@ def test_topk_jsd_gradient_reaches_student_only():
     torch.testing.assert_close(s_logits.grad.double(), s2.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_leave_one_out_advantages_brute_force():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+def _adv_reference(row: list[float], i: int, normalize: bool, rule: str, loo: bool = True) -> float:
+    """One rollout's advantage, straight from the definitions (statistics.stdev is the unbiased std)."""
+    others = row[:i] + row[i + 1:]
+    base_set = others if loo else row
+    adv = row[i] - sum(base_set) / len(base_set)
+    if not normalize:
+        return adv
+    std_set = row if rule == "group" else base_set
+    sd = statistics.stdev(std_set) if len(std_set) > 1 else 0.0
+    return adv / (sd + 1e-6) if sd > 0 else adv
+
+
+@pytest.mark.parametrize("rule", ["nemo_rl", "group"])
+@pytest.mark.parametrize("loo", [True, False])
+def test_advantages_brute_force(rule, loo):
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0],
+                            [0.5, 0.0, 1.0, 0.25], [1.0, 0.0, 0.0, 0.0]])
     for normalize in (False, True):
-        adv = leave_one_out_advantages(rewards, normalize=normalize)
+        adv = leave_one_out_advantages(rewards, normalize=normalize, leave_one_out=loo, std=rule)
         for g, row in enumerate(rewards.tolist()):
-            std = torch.tensor(row).std().item()
             for i in range(4):
-                others = row[:i] + row[i + 1:]
-                ref = row[i] - sum(others) / 3
-                if normalize:
-                    ref = ref / (std + 1e-6) if std > 0 else 0.0
-                assert adv[g, i].item() == pytest.approx(ref, abs=1e-6)
+                assert adv[g, i].item() == pytest.approx(_adv_reference(row, i, normalize, rule, loo), abs=1e-5)
+
+
+# K = 16, c correct: (advantage of a correct rollout, of a wrong one), by hand.
+# NeMo-RL: a correct rollout sees c-1 correct among 15 others: baseline (c-1)/15, unbiased std
+# sqrt((c-1)(16-c)/(15*14)); a wrong one sees c correct among 15: baseline c/15, std sqrt(c(15-c)/(15*14)).
+# std 0 (c = 1 for the correct one, c = 15 for the wrong one) leaves r - baseline unscaled: +1 and -1.
+# Group std: sqrt(c(16-c)/(16*15)) for every rollout, e.g. c = 1: (1 - 0)/0.25 = +4.
+NEMO_K16 = {1: (1.0, -(1 / 15) / math.sqrt(14 / 210)), 2: ((14 / 15) / math.sqrt(14 / 210), -(2 / 15) / math.sqrt(26 / 210)),
+            8: ((8 / 15) / math.sqrt(56 / 210), -(8 / 15) / math.sqrt(56 / 210)),
+            15: ((1 / 15) / math.sqrt(14 / 210), -1.0)}
+GROUP_K16 = {1: (4.0, -(1 / 15) / 0.25), 2: ((14 / 15) / math.sqrt(28 / 240), -(2 / 15) / math.sqrt(28 / 240)),
+             8: ((8 / 15) / math.sqrt(64 / 240), -(8 / 15) / math.sqrt(64 / 240)),
+             15: ((1 / 15) / 0.25, -4.0)}
+
+
+@pytest.mark.parametrize("correct", [1, 2, 8, 15])
+def test_advantages_k16_hand_computed(correct):
+    rewards = torch.tensor([[1.0] * correct + [0.0] * (16 - correct)])
+    for rule, table in (("nemo_rl", NEMO_K16), ("group", GROUP_K16)):
+        adv = leave_one_out_advantages(rewards, std=rule)[0]
+        want_right, want_wrong = table[correct]
+        assert adv[0].item() == pytest.approx(want_right, rel=1e-5), rule
+        assert adv[-1].item() == pytest.approx(want_wrong, rel=1e-5), rule
+    # the values the issue quotes: NeMo-RL +1.00 / -1.00 / +3.62; whole-group std +4.00 / -4.00 / +2.73
+    assert round(NEMO_K16[1][0], 2) == 1.00 and round(GROUP_K16[1][0], 2) == 4.00
+    assert round(NEMO_K16[15][1], 2) == -1.00 and round(GROUP_K16[15][1], 2) == -4.00
+    assert round(NEMO_K16[2][0], 2) == 3.61 and round(GROUP_K16[2][0], 2) == 2.73
+
+
+def test_advantages_default_is_nemo_rl_and_k2_unscaled():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(leave_one_out_advantages(r), leave_one_out_advantages(r, std="nemo_rl"))
+    # K = 2: one other reward, no leave-one-out std (NeMo-RL: nan -> 0): r_i - r_j unscaled
+    assert leave_one_out_advantages(torch.tensor([[1.0, 0.0]])).tolist() == [[1.0, -1.0]]
+    with pytest.raises(ValueError, match="std rule"):
+        leave_one_out_advantages(r, std="batch")
 
 
 @pytest.mark.parametrize("value", [0.0, 1.0])

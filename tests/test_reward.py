@@ -32,6 +32,14 @@ def hang_on_gold(response, gold, timeout_s):
     return score_one(response, gold, timeout_s)
 
 
+def slow_on_gold(response, gold, timeout_s):
+    """Injected pool task: 'SLOW' takes 2 s (an item near the limit on a loaded machine), 'HANG' never ends."""
+    if gold == "SLOW":
+        time.sleep(2)
+        gold = "4"
+    return hang_on_gold(response, gold, timeout_s)
+
+
 def crash_on_gold(response, gold, timeout_s):
     """Injected pool task: kills its worker on one item, like a segfault in native code."""
     if gold == "CRASH":
@@ -69,7 +77,7 @@ def test_no_answer_counts_as_parse_failure():
     scorer = RewardScorer(workers=0)
     assert scorer.score(["no numbers here", "\\boxed{3}"], ["3", "3"]) == [0.0, 1.0]
     assert scorer.stats.as_dict() == {"scored": 2, "correct": 1, "parse_failures": 1, "gold_unparseable": 0,
-                                      "timeouts": 0, "errors": 0}
+                                      "timeouts": 0, "timeouts_retried": 0, "errors": 0}
 
 
 def test_pool_preserves_order_and_matches_in_process(pooled):
@@ -118,3 +126,34 @@ def test_crashing_worker_scores_error_and_others_survive():
         assert out == [(1.0, "correct"), (0.0, "error"), (1.0, "correct")]
         assert scorer.stats.errors == 1
         assert scorer.score(["\\boxed{9}"], ["9"]) == [1.0]
+
+
+def test_timed_out_item_is_rescored_once_with_the_longer_limit():
+    """Hard limit 1 s, retry limit 8 s: the slow item is re-scored and verified, the hanging one still scores 0
+    (and nothing waits on it for more than the two limits); both are counted."""
+    responses = ["\\boxed{1}", "\\boxed{4}", "\\boxed{3}", "\\boxed{4}"]
+    golds = ["1", "SLOW", "HANG", "4"]
+    with RewardScorer(workers=2, timeout_s=5, guard_s=1.0, _task=slow_on_gold, retry_timeout_s=20,
+                      retry_guard_s=8.0) as scorer:
+        t0 = time.monotonic()
+        out = scorer.score_with_status(responses, golds)
+        assert time.monotonic() - t0 < 120
+    assert out == [(1.0, "correct"), (1.0, "correct"), (0.0, "timeout"), (1.0, "correct")]
+    assert scorer.stats.timeouts == 1 and scorer.stats.timeouts_retried == 2 and scorer.stats.scored == 4
+
+
+def test_retry_gets_the_longer_limit_in_process():
+    """math-verify's own alarm, as under load: times out at 5 s, verifies with 20 s."""
+    seen = []
+
+    def alarm_bound(response, gold, timeout_s):
+        seen.append(timeout_s)
+        return (0.0, "timeout") if timeout_s < 20 else score_one(response, gold, None)
+
+    scorer = RewardScorer(workers=0, timeout_s=5, _task=alarm_bound, retry_timeout_s=20)
+    assert scorer.score_with_status(["\\boxed{2}", "\\boxed{3}"], ["2", "4"]) == [(1.0, "correct"), (0.0, "wrong")]
+    assert seen == [5, 5, 20, 20] and scorer.stats.timeouts == 0 and scorer.stats.timeouts_retried == 2
+    never = RewardScorer(workers=0, timeout_s=5, _task=alarm_bound)  # no retry limit: a timeout scores 0 at once
+    assert never.score(["\\boxed{2}"], ["2"]) == [0.0] and never.stats.timeouts == 1
+    with pytest.raises(ValueError, match="retry_timeout_s"):
+        RewardScorer(workers=0, timeout_s=5, retry_timeout_s=2)
