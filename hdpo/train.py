@@ -435,7 +435,8 @@ class Trainer:
         ckpt.set_rng_state(blob["rng"])
         self.state = TrainState(blob["step"], blob["best"])
         counters = blob.get("counters", {})
-        self.scorer.stats = RewardStats(**counters.get("reward_stats", {}))
+        known = RewardStats.__dataclass_fields__  # a checkpoint of another version may lack or add a counter
+        self.scorer.stats = RewardStats(**{k: v for k, v in counters.get("reward_stats", {}).items() if k in known})
         self._wall_before = counters.get("wall_s", 0.0)
         self._ckpt_step = self.state.step
         del blob
@@ -523,8 +524,8 @@ class Trainer:
                 with atomic_dir(self.run_dir / "policy_best") as tmp:
                     shutil.copytree(best_src, tmp, dirs_exist_ok=True)
             elif self.cfg.checkpoint.keep_best:
-                raise ckpt.RunError(f"{best_src} is missing although checkpoint.keep_best is on: the best "
-                                    f"policy was lost; rerun without --resume (or delete {self.work_dir})")
+                raise ckpt.RunError(f"{best_src} is missing although checkpoint.keep_best is on (no validation "
+                                    f"gave a finite {self.cfg.checkpoint.best_metric}, or the folder was deleted)")
             rows = read_jsonl(self.metrics_path)
             val = [r for r in rows if r["kind"] == "val"]
             final = {k[4:]: v for k, v in val[-1].items() if k.startswith("val/")} if val else {}
