@@ -3,7 +3,6 @@ torn JSONL lines, checkpoints that move between devices with their RNG states, f
 reward workers that die with their parent."""
 from __future__ import annotations
 
-import errno
 import os
 import random
 import signal
