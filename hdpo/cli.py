@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> None:
 
         _require_gpu(cfg)
         cache = args.model_cache or str(Path(args.run_dir).parent.parent / "models")
-        train(cfg, args.data, args.run_dir, args.work_dir, cache, resume=args.resume)
+        from hdpo.checkpoint import RunError
+
+        try:
+            train(cfg, args.data, args.run_dir, args.work_dir, cache, resume=args.resume)
+        except RunError as err:  # non-finite step, full disk, busy or unwritable folder: one line, no traceback
+            raise SystemExit(f"hdpo: {err}") from None
     elif args.command == "evaluate":
         from hdpo.evaluate import evaluate_checkpoint
 

@@ -97,6 +97,9 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 50
     warmup_start_factor: float = 0.1
+    # A step whose loss or gradient norm is inf/NaN: "stop" the run before the update (the last good checkpoint
+    # is kept), or "skip" the update and go on (counted as `nonfinite_skipped` in the metrics).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

@@ -16,7 +16,9 @@ import concurrent.futures as cf
 import logging
 import math
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -96,6 +98,17 @@ def _succeeded(f: cf.Future) -> bool:
     return f.done() and not f.cancelled() and f.exception() is None
 
 
+def _watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
+    """Worker initializer: exit as soon as the parent is gone. A SIGKILLed trainer runs no cleanup, and its
+    workers (and the multiprocessing resource tracker they keep open) would live on with parent PID 1."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(period_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="hdpo-parent-watch", daemon=True).start()
+
+
 def _warm_worker() -> None:
     score_one("\\boxed{1}", "1")  # import math-verify and compile its regexes before the first real task
 
@@ -132,7 +145,8 @@ class RewardScorer:
         """Start the workers now without waiting (overlaps their startup with other work)."""
         if self.workers and self._pool is None:
             # spawn, not fork: the trainer holds torch threads and maybe CUDA, which fork would copy half-way
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_watch_parent, initargs=(os.getpid(),))
             self._warmups = [self._pool.submit(_warm_worker) for _ in range(self.workers)]
 
     def _start_and_wait(self, startup_s: float = 120.0) -> None:

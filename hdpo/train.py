@@ -29,20 +29,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hdpo import checkpoint as ckpt
 from hdpo import distributed as dist
+from hdpo import faults
 from hdpo.config import Config, method_name, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
 from hdpo.generation import Sampling, make_generator
-from hdpo.io import append_jsonl, atomic_dir, atomic_path, read_jsonl, write_json
+from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json
 from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages, token_logprobs, topk_jsd
 from hdpo.models import autocast, default_device, load_model, load_tokenizer, resolve_model
-from hdpo.reward import RewardScorer
+from hdpo.reward import RewardScorer, RewardStats
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(ckpt.RunError):
     pass
 
 
@@ -240,6 +242,7 @@ class Trainer:
         self.state = TrainState()
         self.metrics_path = self.work_dir / "metrics.jsonl"
         self.ckpt_path = self.work_dir / "checkpoint.pt"
+        self._t0, self._wall_before, self._ckpt_step, self._lock = time.time(), 0.0, None, None
 
     # -- prompts ------------------------------------------------------------------------------------
     def _prompt(self, p: Problem, privileged: Optional[str] = None) -> str:
@@ -261,6 +264,7 @@ class Trainer:
         # 1. rollouts on the plain prompt
         with self.amp():
             groups = self.generator.generate([self._prompt(p) for p in problems], K, self.sampling)
+        faults.hit("rollout")
         times["rollout"], t = time.time() - t, time.time()
         # 2. rewards and leave-one-out advantages
         flat = [r for g in groups for r in g]
@@ -326,14 +330,24 @@ class Trainer:
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
         loss = loss_grpo + h.distill_weight * loss_jsd
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"step {step + 1}: non-finite loss (grpo {loss_grpo}, jsd {loss_jsd}); "
-                                f"the last good checkpoint is kept in {self.work_dir}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optimizer.max_grad_norm)
+        if faults.hit("grad") == "inf":  # test-only: a gradient that overflows while the loss stays finite
+            next(self.policy.parameters()).grad.view(-1)[0] = math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optimizer.max_grad_norm))
+        # Checked before the optimizer: one inf/NaN would poison the weights and AdamW's moments for good.
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            what = (f"non-finite loss {loss} (grpo {loss_grpo}, jsd {loss_jsd})" if not math.isfinite(loss)
+                    else f"non-finite gradient norm {grad_norm} (loss {loss})")
+            if cfg.optimizer.on_nonfinite != "skip":
+                raise NonFiniteLoss(f"step {step + 1}: {what}: stopped before the optimizer step; "
+                                    f"{self._last_good()}; optimizer.on_nonfinite=skip skips such steps")
+            log.warning("step %d: %s: step skipped (no update)", step + 1, what)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.generator.update_weights(self.policy)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # the schedule follows the step number, skipped or not
+        if not skipped:
+            self.generator.update_weights(self.policy)
         times["update"] = time.time() - t
         times["step"] = sum(times.values())
 
@@ -354,7 +368,8 @@ class Trainer:
             "teacher_pass_rate": kept_all / gen_all if gen_all else None,
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
             "reward/parse_failures": int(pf), "reward/timeouts": int(to),
-            "lr": lr, "grad_norm": float(grad_norm),
+            "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "nonfinite_skipped": int(skipped),
             # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)
             "logprob/sampler_vs_trainer_abs_diff": mm_sum / mm_tok if mm_tok else None,
             **_mean_times(times),
@@ -395,37 +410,77 @@ class Trainer:
                     "checkpoint": checkpoint, "model_step": step}
             (tmp / "hdpo_meta.json").write_text(json.dumps(meta, indent=2))
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> int:
+        """Write model, optimizer, scheduler, RNG, step, best-so-far and the run's counters atomically over the
+        previous checkpoint, streamed tensor by tensor (no second copy of the ~18 GB of a 1.5B run in host or
+        GPU memory). Refuses a state holding an inf/NaN, so the last good checkpoint is never overwritten by
+        poison. Returns the bytes written (0 on ranks > 0)."""
         if self.rank != 0:
-            return
+            return 0
+        bad = ckpt.nonfinite_names(self.policy.named_parameters())
+        bad += [f"optimizer state {k}" for st in self.optimizer.state.values() for k, v in st.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteLoss(f"step {self.state.step}: refusing to checkpoint a non-finite state "
+                                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); {self._last_good()}")
         blob = {"step": self.state.step, "best": self.state.best,
                 "model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()}}
-        with atomic_path(self.ckpt_path) as tmp:
-            torch.save(blob, tmp)
-        log.info("checkpoint at step %d -> %s", self.state.step, self.ckpt_path)
+                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+                "counters": {"reward_stats": self.scorer.stats.as_dict(), "wall_s": self._wall_s()}}
+        nbytes = ckpt.save(blob, self.ckpt_path)
+        self._ckpt_step = self.state.step
+        log.info("checkpoint at step %d -> %s (%d bytes)", self.state.step, self.ckpt_path, nbytes)
+        faults.hit("checkpoint")
+        return nbytes
 
     def load_checkpoint(self) -> bool:
         if not self.ckpt_path.exists():
             return False
-        blob = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        blob = ckpt.load(self.ckpt_path)  # on the CPU, memory-mapped; each tensor goes to its parameter's device
         self.policy.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
+        ckpt.detach_from_file(self.optimizer)
         self.scheduler.load_state_dict(blob["scheduler"])
-        random.setstate(blob["rng"]["python"])
-        np.random.set_state(blob["rng"]["numpy"])
-        torch.set_rng_state(blob["rng"]["torch"])
+        ckpt.set_rng_state(blob["rng"])
         self.state = TrainState(blob["step"], blob["best"])
+        counters = blob.get("counters", {})
+        known = RewardStats.__dataclass_fields__  # a checkpoint of another version may lack or add a counter
+        self.scorer.stats = RewardStats(**{k: v for k, v in counters.get("reward_stats", {}).items() if k in known})
+        self._wall_before = counters.get("wall_s", 0.0)
+        self._ckpt_step = self.state.step
+        del blob
         self.generator.update_weights(self.policy)
-        # rows logged after the checkpoint would be logged again: drop them
+        # rows logged after the checkpoint would be logged again: drop them (and a line torn by the kill)
         if self.rank == 0 and self.metrics_path.exists():
-            rows = [r for r in read_jsonl(self.metrics_path) if r["step"] <= self.state.step]
+            rows = [r for r in read_jsonl(self.metrics_path, drop_torn_tail=True) if r["step"] <= self.state.step]
             with atomic_path(self.metrics_path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log.info("resumed from %s at step %d", self.ckpt_path, self.state.step)
         return True
+
+    def _last_good(self) -> str:
+        if self._ckpt_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.ckpt_path} (step {self._ckpt_step})"
+
+    def _wall_s(self) -> float:
+        """Seconds of this trajectory's work: earlier attempts up to their last checkpoint, plus this one."""
+        return self._wall_before + (time.time() - self._t0)
+
+    def _prepare_dirs(self) -> None:
+        """Rank 0, before any work: take the work dir's lock (a rerun never runs beside a killed run's
+        leftover), finish or clean what interrupted writes left, and check permissions and free space."""
+        if self.rank != 0:
+            return
+        ckpt.check_writable(self.work_dir, "checkpoint (work)")
+        self._lock = ckpt.RunLock(self.work_dir).acquire()
+        for folder in (self.work_dir, self.run_dir):
+            clean_stale(folder)
+        params = [p for p in self.policy.parameters()]
+        policy_bytes = ckpt.tensor_bytes(params)
+        # AdamW keeps two moments per parameter, in the parameter's dtype
+        ckpt_bytes = policy_bytes + 2 * ckpt.tensor_bytes([p for p in params if p.requires_grad])
+        ckpt.preflight(self.work_dir, self.run_dir, ckpt_bytes, policy_bytes)
 
     def _log(self, row: dict) -> None:
         if self.rank == 0:
@@ -433,8 +488,10 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict:
-        cfg, t0 = self.cfg, time.time()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        self._t0 = time.time()
+        self._prepare_dirs()
+        dist.barrier()
         if self.rank == 0:
             save_config(cfg, self.work_dir / "config.yaml")
         if not (resume and self.load_checkpoint()):
@@ -463,17 +520,21 @@ class Trainer:
             if self.state.step % cfg.checkpoint.save_period == 0 or self.state.step == steps:
                 self.save_checkpoint()
             dist.barrier()
-        return self.finish(time.time() - t0)
+        return self.finish(self._wall_s())
 
     def finish(self, wall_s: float) -> dict:
-        """Publish the run's outputs into run_dir (what Snakemake declares)."""
+        """Publish the run's outputs into run_dir (what Snakemake declares), each complete or absent."""
         summary = {}
         if self.rank == 0:
             self.save_policy(self.run_dir / "policy_final", self.state.step, "final")
             best_src = self.work_dir / "policy_best"
+            recover_dir(best_src)  # a swap cut short by a kill leaves `.policy_best.old`/`.ready`: finish it
             if best_src.exists():
                 with atomic_dir(self.run_dir / "policy_best") as tmp:
                     shutil.copytree(best_src, tmp, dirs_exist_ok=True)
+            elif self.cfg.checkpoint.keep_best:
+                raise ckpt.RunError(f"{best_src} is missing although checkpoint.keep_best is on (no validation "
+                                    f"gave a finite {self.cfg.checkpoint.best_metric}, or the folder was deleted)")
             rows = read_jsonl(self.metrics_path)
             val = [r for r in rows if r["kind"] == "val"]
             final = {k[4:]: v for k, v in val[-1].items() if k.startswith("val/")} if val else {}
@@ -483,12 +544,24 @@ class Trainer:
                        "best_checkpoint_metric": self.cfg.checkpoint.best_metric,
                        "best_checkpoint_step": self.state.best.get(self.cfg.checkpoint.best_metric, {}).get("step"),
                        "wall_s": round(wall_s, 1), "world_size": self.world,
-                       "reward_stats": self.scorer.stats.as_dict()}
-            shutil.copyfile(self.metrics_path, self.run_dir / "metrics.jsonl")
+                       "reward_stats": self.scorer.stats.as_dict(), "totals": _totals(rows)}
+            with atomic_path(self.run_dir / "metrics.jsonl") as tmp:
+                shutil.copyfile(self.metrics_path, tmp)
             save_config(self.cfg, self.run_dir / "config.yaml")
             write_json(self.run_dir / "summary.json", summary)
         self.scorer.close()
+        if self._lock is not None:
+            self._lock.release()
         return summary
+
+
+def _totals(rows: list[dict]) -> dict:
+    """Whole-run sums from the metrics rows (which survive resume exactly)."""
+    train = [r for r in rows if r["kind"] == "train"]
+    keys = ["tokens/generated", "tokens/grpo", "tokens/distill", "nonfinite_skipped", "time/step"]
+    out = {k: sum(r.get(k) or 0 for r in train) for k in keys}
+    out["time/eval"] = sum(r.get("time/eval") or 0 for r in rows if r["kind"] == "val")
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _mean_times(times: dict) -> dict:
@@ -499,4 +572,5 @@ def _mean_times(times: dict) -> dict:
 
 def train(cfg: Config, data_dir, run_dir, work_dir, model_cache, resume: bool = True) -> dict:
     trainer = Trainer(cfg, data_dir, run_dir, work_dir, model_cache)
-    return trainer.fit(resume=resume)
+    with trainer.scorer:  # on an error the reward workers are killed, not left running
+        return trainer.fit(resume=resume)

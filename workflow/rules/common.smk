@@ -101,8 +101,10 @@ def resource(rule_name: str, key: str) -> int:
 # workflow/README.md for forcing a rerun).
 _RAW = json.loads(json.dumps(config))  # the config file's content, plain types
 # Keys that change speed or memory, not results: editing them (e.g. after an out-of-memory) reruns nothing.
+# optimizer.on_nonfinite changes nothing until a step is non-finite: switching it to `skip` after such a stop
+# resumes the run from its last good checkpoint instead of retraining from step 0.
 RUNTIME_ONLY = {"grpo.micro_batch_size", "generation.batch_size", "generation.gpu_memory_utilization",
-                "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir"}
+                "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir", "optimizer.on_nonfinite"}
 
 
 def _json(obj) -> str:

@@ -1,0 +1,52 @@
+"""Test-only fault injection: lets the fault-injection tests make a real `hdpo train` process fail at a named
+point, the way a cluster would (SIGKILL, a full disk, a poisoned gradient). Inert unless HDPO_FAULT is set.
+
+    HDPO_FAULT=<action>@<point>:<n>     act on the n-th time (1-based) this process reaches <point>
+
+points (where the trainer calls `hit`/`wrap`): rollout (after a step's rollouts), grad (after the gradients are
+summed), checkpoint (after a checkpoint is published), checkpoint_write (while the checkpoint bytes are written),
+metrics (while a metrics line is appended).
+actions: kill (SIGKILL this process), enospc (raise OSError ENOSPC), inf (the trainer poisons a gradient),
+tear (write half of the metrics line, then SIGKILL).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import Optional
+
+_counts: dict[str, int] = {}
+
+
+def _spec() -> Optional[tuple[str, str, int]]:
+    raw = os.environ.get("HDPO_FAULT")
+    if not raw:
+        return None
+    try:
+        action, rest = raw.split("@", 1)
+        point, n = rest.rsplit(":", 1)
+        return action, point, int(n)
+    except ValueError:
+        raise ValueError(f"HDPO_FAULT={raw!r}: expected <action>@<point>:<n>") from None
+
+
+def hit(point: str) -> Optional[str]:
+    """Count a visit of `point`; kill or raise here if the fault names this visit, else return its action
+    (for actions the caller performs, like `inf`) or None."""
+    spec = _spec()
+    if spec is None or spec[1] != point:
+        return None
+    _counts[point] = _counts.get(point, 0) + 1
+    if _counts[point] != spec[2]:
+        return None
+    action = spec[0]
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return action
+
+
+def kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

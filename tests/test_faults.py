@@ -1,0 +1,214 @@
+"""Fault injection on the real CLI: `python -m hdpo train` in subprocesses on a tiny model, killed by SIGKILL at
+named points (hdpo/faults.py), fed a torn metrics line, stale temp siblings, an inf gradient and a full disk.
+Each rerun must end identical to one uninterrupted run (metrics, summary, both policies' weights), or stop at
+once with the promised one-line message; no process of a run may outlive it, nothing stale may stay behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config, tiny_problems
+from hdpo.checkpoint import RunLock
+from hdpo.config import save_config
+from hdpo.io import read_jsonl, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+# a reward worker process in every run, so that orphans would show; a checkpoint every step
+SETTINGS = {"grpo.max_num_steps": STEPS, "eval.reward_workers": 1, "eval.val_period": 2,
+            "checkpoint.save_period": 1}
+
+
+@pytest.fixture(scope="module")
+def root(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    probs = tiny_problems()
+    write_jsonl(root / "data" / "train.jsonl", [p.to_dict() for p in probs])
+    write_jsonl(root / "data" / "val.jsonl", [p.to_dict() for p in probs[:2]])
+    save_config(tiny_config(tiny_model_dir, **SETTINGS), root / "config.yaml")
+    return root
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes started by one CLI run (they inherit its HDPO_TEST_TAG; zombies show no environment)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"HDPO_TEST_TAG={tag}".encode() in fh.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def hdpo_train(root: Path, name: str, fault: str | None = None, settings: tuple[str, ...] = (),
+               run_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """One `hdpo train --resume` run; afterwards no process it started may be alive (waits up to 15 s for the
+    reward worker to notice that its parent is gone)."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "HDPO_TEST_TAG": tag, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
+        "PYTHONPATH", "")])}
+    env.pop("HDPO_FAULT", None)
+    if fault:
+        env["HDPO_FAULT"] = fault
+    cmd = [sys.executable, "-m", "hdpo", "train", "--config", str(root / "config.yaml"), "--data",
+           str(root / "data"), "--run-dir", str(run_dir or root / "runs" / name), "--work-dir",
+           str(root / "work" / name), "--model-cache", str(root / "models"), "--resume", "--threads", "1"]
+    if settings:
+        cmd += ["--set", *settings]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    deadline = time.time() + 15
+    while _tagged(tag) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _tagged(tag)
+    assert not left, f"processes of the run outlived it: {left}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _killed(proc):
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-4000:])
+    return proc
+
+
+def outcome(root: Path, name: str) -> dict:
+    run = root / "runs" / name
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("wall_s"), summary.pop("run")
+    summary["totals"] = {k: v for k, v in summary["totals"].items() if not k.startswith("time/")}
+    return {"metrics": [{k: v for k, v in r.items() if not k.startswith("time/")}
+                        for r in read_jsonl(run / "metrics.jsonl")],
+            "summary": summary,
+            "final": load_file(run / "policy_final" / "model.safetensors"),
+            "best": load_file(run / "policy_best" / "model.safetensors")}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["metrics"] == b["metrics"]
+    assert a["summary"] == b["summary"]
+    for which in ("final", "best"):
+        assert a[which].keys() == b[which].keys()
+        for k in a[which]:
+            assert torch.equal(a[which][k], b[which][k]), f"{which} policy differs in {k}"
+
+
+def assert_nothing_stale(root: Path, name: str) -> None:
+    for folder in (root / "work" / name, root / "runs" / name):
+        stale = [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+        assert not stale, f"{folder}: stale siblings {stale}"
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> dict:
+    """The one uninterrupted run every faulty run is compared with."""
+    _ok(hdpo_train(root, "reference"))
+    ref = outcome(root, "reference")
+    train = [r for r in ref["metrics"] if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert any(r["grad_norm"] > 0 for r in train)  # the trajectory moves, so a wrong resume would show
+    return ref
+
+
+# --- one run through every fault ----------------------------------------------------------------------
+# One run is hit by each fault in turn and rerun each time (as a scheduler would); it must end identical to the
+# reference. (One chain instead of one run per fault keeps the suite to a few minutes on 2 cores.)
+
+def test_a_run_survives_kills_stale_files_torn_lines_full_disk_and_inf_gradients(root, reference):
+    work, name = root / "work" / "chain", "chain"
+    ckpt_step = lambda: torch.load(work / "checkpoint.pt", weights_only=False)["step"]  # noqa: E731
+
+    # 1. SIGKILL during the rollouts of step 3 (after step 2's checkpoint)
+    _killed(hdpo_train(root, name, "kill@rollout:3"))
+    assert ckpt_step() == 2
+
+    # 2. what kills leave elsewhere: a checkpoint's temp file, and the best policy between the two renames of
+    #    a folder swap (the previous version moved aside, the new one half-written); the rerun must clean and
+    #    restore them, and is itself SIGKILLed while writing step 3's checkpoint
+    assert (work / "policy_best").is_dir()
+    (work / ".checkpoint.pt.k2ll3d.tmp").write_bytes(b"\0" * 4096)
+    os.replace(work / "policy_best", work / ".policy_best.old")
+    (work / ".policy_best.tmp").mkdir()
+    (work / ".policy_best.tmp" / "model.safetensors").write_bytes(b"half")
+    proc = _killed(hdpo_train(root, name, "kill@checkpoint_write:1"))
+    assert "restored policy_best from .policy_best.old" in proc.stderr
+    assert (work / "policy_best").is_dir() and not (work / ".policy_best.old").exists()
+    assert not (work / ".policy_best.tmp").exists() and not (work / ".checkpoint.pt.k2ll3d.tmp").exists()
+    assert len(list(work.glob(".checkpoint.pt.*.tmp"))) == 1, "the kill should leave a partial checkpoint"
+    assert ckpt_step() == 2
+
+    # 3. SIGKILL in the middle of appending step 4's metrics row (rerun from step 2: rows 3 and 4)
+    _killed(hdpo_train(root, name, "tear@metrics:2"))
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[-1])
+    assert ckpt_step() == 3 and not list(work.glob(".checkpoint.pt.*.tmp"))
+
+    # 4. the disk fills up while step 4's checkpoint is written: the rerun drops the torn row, then stops
+    proc = hdpo_train(root, name, "enospc@checkpoint_write:1")
+    assert "row 6 is torn" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"hdpo: disk full while writing the checkpoint {work / 'checkpoint.pt'}")
+    assert ckpt_step() == 3 and not list(work.glob(".checkpoint.pt.*.tmp"))
+
+    # 5. an inf gradient (finite loss) in step 4: stop before the optimizer, name the last good checkpoint
+    proc = hdpo_train(root, name, "inf@grad:1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("hdpo: step 4: non-finite gradient norm") and "before the optimizer step" in message
+    assert f"{work / 'checkpoint.pt'} (step 3)" in message
+    blob = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert blob["step"] == 3 and all(torch.isfinite(t).all() for t in blob["model"].values())
+
+    # 6. a clean rerun ends exactly where the uninterrupted run did, counters included, nothing stale
+    _ok(hdpo_train(root, name))
+    assert_same(outcome(root, name), reference)
+    assert_nothing_stale(root, name)
+
+
+# --- non-finite gradients -----------------------------------------------------------------------------
+
+def test_inf_gradient_can_be_skipped_and_counted(root, reference):
+    _ok(hdpo_train(root, "skip", "inf@grad:3", settings=("optimizer.on_nonfinite=skip",)))
+    got = outcome(root, "skip")
+    train = [r for r in got["metrics"] if r["kind"] == "train"]
+    assert [r["nonfinite_skipped"] for r in train] == [0, 0, 1, 0]
+    assert train[2]["grad_norm"] is None and got["summary"]["totals"]["nonfinite_skipped"] == 1
+    assert got["metrics"][:4] == reference["metrics"][:4]  # identical up to the skipped step
+    assert all(torch.isfinite(t).all() for t in got["final"].values())
+
+
+# --- disks and folders --------------------------------------------------------------------------------
+
+def test_unwritable_run_folder_stops_before_any_work(root):
+    blocker = root / "not_a_folder"
+    blocker.write_text("a file where the results folder should be")
+    proc = hdpo_train(root, "blocked", run_dir=blocker / "run")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert f"cannot write the run output folder {blocker / 'run'}" in proc.stderr
+    assert not (root / "work" / "blocked" / "metrics.jsonl").exists()  # not even the step-0 validation
+
+
+def test_rerun_beside_a_live_leftover_refuses(root):
+    lock = RunLock(root / "work" / "busy").acquire()  # this test process plays the killed run's leftover
+    try:
+        proc = hdpo_train(root, "busy")
+    finally:
+        lock.release()
+    assert proc.returncode == 1 and f"in use by another trainer (pid {os.getpid()})" in proc.stderr
+    assert not (root / "work" / "busy" / "metrics.jsonl").exists()
