@@ -139,7 +139,8 @@ def test_timed_out_item_is_rescored_once_with_the_longer_limit():
         out = scorer.score_with_status(responses, golds)
         assert time.monotonic() - t0 < 120
     assert out == [(1.0, "correct"), (1.0, "correct"), (0.0, "timeout"), (1.0, "correct")]
-    assert scorer.stats.timeouts == 1 and scorer.stats.timeouts_retried == 2 and scorer.stats.scored == 4
+    # SLOW and HANG always outlive 1 s; on a loaded machine a plain item may too, and is then rescued by the retry
+    assert scorer.stats.timeouts == 1 and scorer.stats.timeouts_retried >= 2 and scorer.stats.scored == 4
 
 
 def test_retry_gets_the_longer_limit_in_process():
