@@ -127,7 +127,7 @@ def _run(args, cfg: Config) -> None:
         from hdpo.data import prepare_data
 
         try:
-            summary = prepare_data(cfg, args.out, args.data_dir or os.environ.get("HDPO_DATA_DIR"))
+            summary = prepare_data(cfg, args.out, args.data_dir)  # None: $HDPO_DATA_DIR
         except ConnectionError as err:
             raise SystemExit(f"hdpo: cannot reach the Hugging Face Hub ({err}): {DEMO_HINT}") from None
         log.info("prepared data: %s", summary.get("counts", summary))

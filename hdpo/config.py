@@ -453,7 +453,7 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 def method_records(cfg_or_dict: "Config | dict") -> dict[str, MethodRecord]:
     """experiment.methods as records, in order, each with its name; from a Config or plain (merged) config."""
-    cfg = cfg_or_dict if isinstance(cfg_or_dict, Config) else from_dict(cfg_or_dict)
+    cfg = cfg_or_dict if isinstance(cfg_or_dict, Config) else from_dict(cfg_or_dict, _runs=False)
     return {name: dataclasses.replace(rec, name=name) for name, rec in cfg.experiment.methods.items()}
 
 
@@ -474,7 +474,7 @@ def run_config(merged: "Config | dict", method: str, seed: Optional[int] = None)
     if seed is not None:
         data["seed"] = seed
     try:
-        return from_dict(data)
+        return from_dict(data, _runs=False)
     except ConfigError as err:
         raise ConfigError(f"experiment.methods.{method}.settings: {err}") from None
 
@@ -530,7 +530,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None) -> Config:
+def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None, _runs: bool = True) -> Config:
+    """The typed, checked config of plain data (plus dotted overrides). With `_runs`, every method's run config
+    is built and checked too, so a bad key in a record's settings fails here, not in its job."""
     data = json.loads(json.dumps(data or {}))  # deep copy, plain types
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
@@ -543,6 +545,9 @@ def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None) -> Config:
     for name, rec in cfg.experiment.methods.items():
         rec.name = rec.name or name
     _check(cfg)
+    if _runs:
+        for name in cfg.experiment.methods:
+            run_config(cfg, name)
     return cfg
 
 
