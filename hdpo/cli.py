@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="list every config key (doc, value, paper's value) or print the schema")
     p.add_argument("--config", default=None, help="YAML config to explain (default: the built-in defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--explain", action="store_true", help="list every key: value, type, doc, paper's value (default)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema generated from the typed config")
     p.add_argument("--method", default=None, help="explain one method's run config")
     return ap

@@ -3,9 +3,11 @@ give every shared package the same version specifier, and both environments hold
 from __future__ import annotations
 
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +52,31 @@ def test_the_comparison_can_fail(tmp_path):
     env = tmp_path / "env.yaml"
     env.write_text("dependencies:\n  - pip:\n      - math-verify[antlr4_13_2]>=0.7\n")
     assert _conda(env)["math-verify"] != _pyproject()["math-verify"]
+
+
+def _train_command(tmp_path, *extra: str) -> str:
+    from test_workflow import snakemake
+
+    out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "1", *extra, "--configfile",
+                    str(REPO / "config" / "demo.yaml"))
+    commands = re.findall(r"^\s*(?:Shell command: )?(.*-m hdpo train .*)$", out, flags=re.M)
+    assert len(commands) == 1, out[-2000:]
+    return commands[0]
+
+
+def test_jobs_import_the_workflows_hdpo_with_the_snakemake_interpreter(tmp_path):
+    import shlex
+    import sys
+
+    cmd = _train_command(tmp_path)
+    assert cmd.startswith(f"PYTHONPATH={shlex.quote(str(REPO))}")
+    assert f" {shlex.quote(sys.executable)} -m hdpo train" in cmd
+
+
+@pytest.mark.skipif(shutil.which("conda") is None and shutil.which("mamba") is None,
+                    reason="conda is not installed on this machine")
+def test_under_sdm_conda_jobs_run_the_envs_python(tmp_path):
+    import sys
+
+    cmd = _train_command(tmp_path, "--sdm", "conda")
+    assert " python -m hdpo train" in cmd and sys.executable not in cmd
