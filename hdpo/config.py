@@ -29,10 +29,12 @@ class ConfigError(ValueError):
     """A config key is unknown or has a bad value; the message names the key."""
 
 
-def key(default: Any = dataclasses.MISSING, doc: str = "", *, paper: bool = False, factory: Any = None) -> Any:
-    """A config key: its default (or `factory` for a list/dict default; neither: required), a one-line `doc`
-    and `paper=True` when the default is the value the paper states. Adding a key is one line with this."""
-    meta = {"doc": doc, "paper": paper}
+def key(default: Any = dataclasses.MISSING, doc: str = "", *, paper: bool = False, runtime: bool = False,
+        factory: Any = None) -> Any:
+    """A config key: its default (or `factory` for a list/dict default; neither: required), a one-line `doc`,
+    `paper=True` when the default is the value the paper states, `runtime=True` when the key changes speed or
+    memory but never a result (the workflow then reruns nothing when it changes). Adding a key is one line."""
+    meta = {"doc": doc, "paper": paper, "runtime": runtime}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -111,7 +113,7 @@ class GRPOConfig:
     ratio_clip_max: float = key(0.2, "PPO clip epsilon above 1", paper=True)
     token_level_loss: bool = key(True, "average the loss over all response tokens of the batch", paper=True)
     reference_policy_kl_penalty: float = key(0.0, "reference-KL beta (0: no KL term)", paper=True)
-    micro_batch_size: int = key(8, "sequences per forward/backward; changes speed and memory, never the loss")
+    micro_batch_size: int = key(8, "sequences per forward/backward; changes speed and memory, never the loss", runtime=True)
 
 
 @dataclass
@@ -153,8 +155,8 @@ class GenerationConfig:
     temperature: float = key(1.0, "sampling temperature", paper=True)
     top_p: float = key(1.0, "nucleus cut (1: none)")
     max_new_tokens: Optional[int] = key(None, "response tokens (null: up to model.max_total_sequence_length)")
-    batch_size: int = key(64, "sequences per generate() call (transformers backend)")
-    gpu_memory_utilization: float = key(0.5, "vLLM's share of each GPU beside the trainer")
+    batch_size: int = key(64, "sequences per generate() call (transformers backend)", runtime=True)
+    gpu_memory_utilization: float = key(0.5, "vLLM's share of each GPU beside the trainer", runtime=True)
 
 
 @dataclass
@@ -168,17 +170,17 @@ class EvalConfig:
     greedy: bool = key(True, "also report greedy accuracy")
     max_new_tokens: Optional[int] = key(None, "response tokens (null: generation.max_new_tokens)")
     reward_timeout_s: float = key(5.0, "math-verify time limit; a timeout scores 0")
-    reward_workers: int = key(2, "processes verifying answers")
+    reward_workers: int = key(2, "processes verifying answers", runtime=True)
 
 
 @dataclass
 class CheckpointConfig:
     """Resumable checkpoints and the kept policies."""
-    save_period: int = key(50, "resumable checkpoint every N steps")
+    save_period: int = key(50, "resumable checkpoint every N steps", runtime=True)
     keep_best: bool = key(True, "keep the policy of the best validation step (benchmarked as 'best')")
     best_metric: str = key("pass@1", "validation metric that picks the best checkpoint")
     dir: Optional[str] = key(None, "resumable checkpoints folder (null: results/checkpoints, never a "
-                                   "Snakemake output)")
+                                   "Snakemake output)", runtime=True)
 
 
 @dataclass
@@ -583,6 +585,7 @@ class KeyDoc:
     default: Any
     doc: str
     paper: bool
+    runtime: bool = False  # speed/memory only: changing it reruns no job
 
 
 def _type_name(tp: Any) -> str:
@@ -615,7 +618,8 @@ def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[KeyDoc]:
         if dataclasses.is_dataclass(tp):
             yield from iter_keys(tp, name)
             continue
-        yield KeyDoc(name, _type_name(hints[f.name]), default, f.metadata.get("doc", ""), f.metadata.get("paper", False))
+        yield KeyDoc(name, _type_name(hints[f.name]), default, f.metadata.get("doc", ""),
+                     f.metadata.get("paper", False), f.metadata.get("runtime", False))
         item = args[-1] if origin in (list, dict) and args else None
         if item is not None and dataclasses.is_dataclass(item):
             yield from iter_keys(item, name + ("[]" if origin is list else ".<name>"))
@@ -656,7 +660,7 @@ def explain(cfg: Optional[Config] = None) -> str:
         mark = ""
         if k.paper:
             mark = " [paper]" if value == default else f" [paper: {json.dumps(default, ensure_ascii=False)[:40]}]"
-        lines.append(f"{k.key} = {shown}  ({k.type}){mark}\n    {k.doc}")
+        lines.append(f"{k.key} = {shown}  ({k.type}){mark}{' [runtime-only]' if k.runtime else ''}\n    {k.doc}")
     return "\n".join(lines)
 
 

@@ -420,6 +420,26 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     out = snakemake(root, "-n", "--cores", "2", "--configfile", str(write_config(root / "topk.yaml", topk)),
                     snakefile=snakefile)
     assert job_counts(out)["train"] == 1 and "method=hdpo_frozen_lambda0.1" in out and "method=grpo" not in out
+    # a method's record: its distill weight retrains that method only; its label reruns only the report
+    def records(**changes) -> dict:
+        c = _tiny()
+        c["experiment"]["methods"] = {
+            "grpo": {"label": "GRPO baseline", "distill_weight": 0.0},
+            "hdpo_frozen_lambda0.1": {"label": "HDPO frozen, λ=0.1", "teacher": "frozen", "distill_weight": 0.1,
+                                      **changes}}
+        return c
+
+    assert plan(write_config(root / "records.yaml", records())) == {}  # the same records, written out
+    assert plan(write_config(root / "label.yaml", records(label="frozen teacher"))) == {
+        "tables": 1, "figures": 1, "all": 1}
+    assert plan(write_config(root / "weight.yaml", records(distill_weight=0.2))) == {
+        "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
+    assert plan(write_config(root / "msettings.yaml", records(settings={"hdpo.topk_logits_k": 8}))) == {
+        "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
+    # a value on the command line is a layer like any other
+    assert plan(tiny, extra=("--config", "optimizer={lr: 2.0e-6}")) == {"train": 2, "evaluate": 4, "tables": 1,
+                                                                         "figures": 1, "all": 1}
+    assert plan(tiny, extra=("--config", "grpo={micro_batch_size: 1}")) == {}
     # evaluation settings rerun evaluations and training (validation runs inside training), not the data
     ev = _tiny()
     ev["eval"]["temperature"] = 0.6

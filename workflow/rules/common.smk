@@ -15,7 +15,7 @@ from snakemake.exceptions import WorkflowError
 REPO = Path(workflow.basedir).parent  # workflow/ lives in the repository root
 if str(REPO) not in sys.path:  # the workflow reads the grid with the same typed config as the CLI
     sys.path.insert(0, str(REPO))
-from hdpo.config import ConfigError, deep_merge, from_dict, method_overrides  # noqa: E402
+from hdpo.config import ConfigError, deep_merge, from_dict, iter_keys, method_overrides  # noqa: E402
 
 
 def _display_path(path) -> str:
@@ -115,8 +115,8 @@ def resource(rule_name: str, key: str) -> int:
 # forcing a rerun).
 _RAW = json.loads(json.dumps(config))  # the merged config as given, plain types
 # Keys that change speed or memory, not results: editing them (e.g. after an out-of-memory) reruns nothing.
-RUNTIME_ONLY = {"grpo.micro_batch_size", "generation.batch_size", "generation.gpu_memory_utilization",
-                "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir"}
+# They are the keys declared with `runtime=True` in hdpo/config.py.
+RUNTIME_ONLY = {k.key for k in iter_keys() if k.runtime}
 
 
 def _json(obj) -> str:
