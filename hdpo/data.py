@@ -30,21 +30,69 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Problem:
     id: str
-    problem: str
+    problem: str  # the user message (the dataset's prompt_template applied)
     solution: Optional[str]
-    answer: str
+    answer: Any  # a string, or a list of accepted answers (any one scores 1)
     source: str
+    system_prompt: Optional[str] = None  # the dataset's own; None: data.system_prompt
+
+    @property
+    def first_answer(self) -> str:
+        return self.answer[0] if isinstance(self.answer, list) else self.answer
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["system_prompt"] is None:
+            del d["system_prompt"]
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "Problem":
         return Problem(id=str(d["id"]), problem=d["problem"], solution=d.get("solution"),
-                       answer=d["answer"], source=d["source"])
+                       answer=d["answer"], source=d["source"], system_prompt=d.get("system_prompt"))
 
 
-# --- formats: one raw row -> {id?, problem, solution, answer} -------------------------------------------------
+# --- field mapping: one raw row -> {id?, problem, solution, answer} -------------------------------------------
+# A dataset's mapping is data (DatasetSpec's *_key / *_template / *_pattern keys), like NeMo-RL's input_key and
+# output_key. The built-in formats are presets of those keys; a key set in the config wins over its preset.
+
+MAPPING_KEYS = ("id_key", "problem_key", "problem_template", "answer_key", "answer_pattern", "answer_remove",
+                "solution_key", "solution_template", "solution_remove", "prompt_template", "system_prompt")
+GENERIC = {"problem_key": "problem", "answer_key": "answer", "solution_key": "solution",
+           "prompt_template": "{problem}"}
+PRESETS: dict[str, dict] = {
+    "openmathinstruct2": {"answer_key": "expected_answer", "solution_key": "generated_solution"},
+    "math500": {"id_key": "unique_id"},
+    "aime": {"id_key": "id"},  # AIME 2025 has no worked solutions; the Hub copies may lack an id
+    # "<<16-3-4=9>>" are calculator annotations for the original tooling, not part of the worked solution.
+    "gsm8k": {"id_key": "idx", "problem_key": "question", "answer_pattern": r"####\s*(.*?)\s*$",
+              "answer_remove": ",", "solution_key": "answer", "solution_remove": r"<<[^<>]*>>"},
+    "svamp": {"id_key": "ID", "problem_template": "{Body} {Question}", "answer_key": "Answer",
+              "solution_template": "{Equation} = {Answer}"},
+    # "9 (apples)" -> "9". Only a trailing parenthesis after whitespace is a unit, so "-(1/3)" stays whole.
+    "asdiv": {"id_key": "idx", "problem_template": "{body} {question}",
+              "answer_pattern": r"^(.+?)(?:\s+\([^()]*\))?$", "solution_key": "formula"},
+    "mawps": {"id_key": "idx", "problem_key": "input", "answer_key": "target", "solution_key": None},
+}
+
+
+def mapping_of(spec: DatasetSpec) -> dict:
+    """The field mapping of a dataset: generic defaults, then its format's preset, then the keys it sets."""
+    if spec.format is not None and spec.format not in PRESETS:
+        raise DataError(f"format {spec.format!r}: unknown (known: {', '.join(sorted(PRESETS))}; or leave format "
+                        "out and name the fields with problem_key, answer_key, ...)")
+    out = {k: None for k in MAPPING_KEYS}
+    out.update(GENERIC)
+    out.update(PRESETS.get(spec.format, {}))
+    out.update({k: getattr(spec, k) for k in MAPPING_KEYS if getattr(spec, k) is not None})
+    for k in ("answer_pattern", "answer_remove", "solution_remove"):
+        if out[k] is not None:
+            try:
+                out[k] = re.compile(out[k], re.DOTALL)
+            except re.error as err:
+                raise DataError(f"{k}: {out[k]!r} is not a regular expression ({err})") from None
+    return out
+
 
 def _field(row: dict, key: str) -> Any:
     if key not in row or row[key] is None:
@@ -67,78 +115,85 @@ def _answer_str(value: Any, key: str) -> str:
     raise DataError(f"field {key!r}: expected a number or a string, got {type(value).__name__}")
 
 
-def _optional_text(row: dict, key: str) -> Optional[str]:
-    value = row.get(key)
+def _optional_text(row: dict, key: Optional[str]) -> Optional[str]:
+    value = row.get(key) if key else None
     if not isinstance(value, str):
         return None
     return value.strip() or None
 
 
-def _openmathinstruct2(row: dict) -> dict:
-    return {"problem": _field(row, "problem"), "solution": _optional_text(row, "generated_solution"),
-            "answer": _answer_str(_field(row, "expected_answer"), "expected_answer")}
+class _RowFields(dict):
+    """str.format_map over a row: numbers as answers are written, strings stripped, a missing field raises."""
+
+    def __init__(self, row: dict, optional: bool):
+        super().__init__()
+        self.row, self.optional = row, optional
+
+    def __missing__(self, key: str) -> str:
+        if self.row.get(key) is None or self.row.get(key) == "":
+            if self.optional:
+                raise KeyError(key)
+            _field(self.row, key)
+        value = self.row[key]
+        return value.strip() if isinstance(value, str) else _answer_str(value, key)
 
 
-def _math500(row: dict) -> dict:
-    return {"id": _field(row, "unique_id"), "problem": _field(row, "problem"),
-            "solution": _optional_text(row, "solution"), "answer": _answer_str(_field(row, "answer"), "answer")}
+def _fill(template: str, row: dict, optional: bool = False) -> Optional[str]:
+    try:
+        return template.format_map(_RowFields(row, optional))
+    except KeyError:  # an optional field is missing: no text
+        return None
+    except (ValueError, IndexError) as err:
+        raise DataError(f"template {template!r}: {err}") from None
 
 
-def _aime(row: dict) -> dict:
-    # AIME 2025 has no worked solutions; the Hub copies may lack an id.
-    out = {"problem": _field(row, "problem"), "solution": _optional_text(row, "solution"),
-           "answer": _answer_str(_field(row, "answer"), "answer")}
-    if row.get("id") is not None:
-        out["id"] = row["id"]
+def _one_answer(value: Any, key: str, m: dict) -> str:
+    text = _answer_str(value, key)
+    if m["answer_pattern"] is not None:
+        found = m["answer_pattern"].search(text)
+        if not found or not found.groups():
+            raise DataError(f"field {key!r}: no match of answer_pattern {m['answer_pattern'].pattern!r} in "
+                            f"{text[-80:]!r}")
+        text = found.group(1)
+    if m["answer_remove"] is not None:
+        text = m["answer_remove"].sub("", text)
+    return text.strip()
+
+
+def map_row(row: dict, m: dict) -> dict:
+    """One raw row -> {id, problem, solution, answer} under mapping `m` (see mapping_of). The answer is a string,
+    or a list of accepted answers when the field holds a list."""
+    if m["problem_template"]:
+        problem = _fill(m["problem_template"], row)
+    else:
+        problem = _field(row, m["problem_key"])
+    akey = m["answer_key"]
+    raw = _field(row, akey)
+    if isinstance(raw, list):
+        if not raw:
+            raise DataError(f"field {akey!r}: an empty list of answers")
+        answers = [_one_answer(a, akey, m) for a in raw]
+        answer: Any = answers[0] if len(set(answers)) == 1 else answers
+    else:
+        answer = _one_answer(raw, akey, m)
+    if m["solution_template"]:
+        solution = _fill(m["solution_template"], row, optional=True)
+    elif m["solution_key"] == akey and m["answer_pattern"] is not None and isinstance(raw, str):
+        solution = raw[:m["answer_pattern"].search(raw).start()]  # the worked solution before the final answer
+    else:
+        solution = _optional_text(row, m["solution_key"])
+    if solution is not None and m["solution_remove"] is not None:
+        solution = m["solution_remove"].sub("", solution)
+    solution = solution.strip() or None if isinstance(solution, str) else None
+    out = {"problem": problem, "solution": solution, "answer": answer}
+    if m["id_key"] and row.get(m["id_key"]) is not None:
+        out["id"] = row[m["id_key"]]
     return out
 
 
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-
-
-def _gsm8k(row: dict) -> dict:
-    text = _field(row, "answer")
-    if not isinstance(text, str) or "####" not in text:
-        raise DataError("field 'answer': no '#### <number>' final answer")
-    solution, _, final = text.rpartition("####")
-    # "<<16-3-4=9>>" are calculator annotations for the original tooling, not part of the worked solution.
-    return {"id": row.get("idx"), "problem": _field(row, "question"),
-            "solution": _CALCULATOR.sub("", solution).strip() or None,
-            "answer": final.strip().replace(",", "")}
-
-
-def _svamp(row: dict) -> dict:
-    answer = _answer_str(_field(row, "Answer"), "Answer")
-    equation = _optional_text(row, "Equation")
-    return {"id": row.get("ID"), "problem": f"{str(_field(row, 'Body')).strip()} {str(_field(row, 'Question')).strip()}",
-            "solution": f"{equation} = {answer}" if equation else None, "answer": answer}
-
-
-# "9 (apples)" -> "9". Only a trailing parenthesis after whitespace is a unit, so "-(1/3)" stays whole.
-_ASDIV_UNIT = re.compile(r"^(.+?)\s+\([^()]*\)$")
-
-
-def _asdiv(row: dict) -> dict:
-    raw = _answer_str(_field(row, "answer"), "answer")
-    m = _ASDIV_UNIT.match(raw)
-    return {"id": row.get("idx"), "problem": f"{str(_field(row, 'body')).strip()} {str(_field(row, 'question')).strip()}",
-            "solution": _optional_text(row, "formula"), "answer": m.group(1) if m else raw}
-
-
-def _mawps(row: dict) -> dict:
-    return {"id": row.get("idx"), "problem": _field(row, "input"), "solution": None,
-            "answer": _answer_str(_field(row, "target"), "target")}
-
-
+# The built-in formats as row mappers (the presets applied to a spec that sets nothing else).
 FORMATS: dict[str, Callable[[dict], dict]] = {
-    "openmathinstruct2": _openmathinstruct2,
-    "math500": _math500,
-    "aime": _aime,
-    "gsm8k": _gsm8k,
-    "svamp": _svamp,
-    "asdiv": _asdiv,
-    "mawps": _mawps,
-}
+    name: (lambda row, _m=None, _name=name: map_row(row, mapping_of(DatasetSpec(format=_name)))) for name in PRESETS}
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -186,6 +241,19 @@ def _resolve(spec: DatasetSpec, data_dir: Optional[str]) -> Optional[Path]:
     return None
 
 
+def _where_file_was_looked_for(spec: DatasetSpec, data_dir: Optional[str]) -> str:
+    """Why `spec.file` was not found locally, naming the folder and where it came from."""
+    if data_dir:
+        where = f"--data-dir {data_dir}"
+    elif os.environ.get("HDPO_DATA_DIR"):
+        data_dir, where = os.environ["HDPO_DATA_DIR"], f"HDPO_DATA_DIR={os.environ['HDPO_DATA_DIR']}"
+    else:
+        return f"{spec.file}: HDPO_DATA_DIR is not set (the folder of local mirrors)"
+    if not Path(data_dir).is_dir():
+        return f"{spec.file}: {where} is not a folder"
+    return f"{spec.file}: not in {where}"
+
+
 def _check_hub(hub_id: str, timeout_s: float = 3.0) -> None:
     """Fail at once, not after minutes of retries, when the Hub cannot be reached. Skipped in offline mode,
     where `datasets` reads its local cache."""
@@ -210,9 +278,15 @@ def _load(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[tuple[int, d
         pairs, origin = _read_local(path), str(path)
     else:
         if not spec.hub_id:
-            where = f" (no {spec.file!r} in data_dir/$HDPO_DATA_DIR)" if spec.file else ""
-            raise DataError(f"dataset {spec}: no local file{where} and no hub_id to load it from")
-        _check_hub(spec.hub_id)
+            if spec.file:
+                raise DataError(f"{_where_file_was_looked_for(spec, data_dir)}, and the dataset has no hub_id")
+            raise DataError("a dataset needs `path`, `file` (in $HDPO_DATA_DIR) or `hub_id`")
+        try:
+            _check_hub(spec.hub_id)
+        except ConnectionError as err:
+            if spec.file:  # a local mirror was meant: say where it was looked for, not "use the demo"
+                raise DataError(f"{_where_file_was_looked_for(spec, data_dir)}, and {err}") from None
+            raise
         import datasets
         origin = f"hub:{spec.hub_id}" + (f":{spec.subset}" if spec.subset else "") + f"/{spec.split}"
         logger.info("loading %s from the Hugging Face Hub", origin)
@@ -234,32 +308,37 @@ def load_rows(spec: DatasetSpec, data_dir: Optional[str] = None) -> tuple[list[d
     return [row for _, row in pairs], origin
 
 
-def load_problems(spec: DatasetSpec, data_dir: Optional[str] = None) -> list[Problem]:
-    """Every row of the source (the first spec.limit) mapped by FORMATS[spec.format]; a bad row raises DataError."""
-    return _load_problems(spec, data_dir)[0]
+def load_problems(spec: DatasetSpec, data_dir: Optional[str] = None, name: Optional[str] = None) -> list[Problem]:
+    """Every row of the source (the first spec.limit) through its field mapping; a bad row raises DataError."""
+    return _load_problems(spec, data_dir, name)[0]
 
 
-def _load_problems(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[Problem], str]:
-    if spec.format not in FORMATS:
-        raise DataError(f"dataset {spec}: unknown format {spec.format!r} (known: {sorted(FORMATS)})")
-    fmt = FORMATS[spec.format]
+def _load_problems(spec: DatasetSpec, data_dir: Optional[str], name: Optional[str] = None
+                   ) -> tuple[list[Problem], str]:
+    """`name` (a benchmark's, say) prefixes ids and names the source when the spec has no format."""
+    m = mapping_of(spec)
+    source = spec.format or name or "data"
     pairs, origin = _load(spec, data_dir)
+    if not pairs:  # an empty benchmark would score NaN; an empty training source, nothing
+        raise DataError(f"{origin}: no rows" + (f" (dataset {name!r})" if name else ""))
     problems = []
     for index, (rownum, row) in enumerate(pairs):
         try:
-            mapped = fmt(row)
-            for key in ("problem", "answer"):
-                value = mapped.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"field {key!r}: empty or not text ({value!r})")
+            mapped = map_row(row, m)
+            answers = mapped["answer"] if isinstance(mapped["answer"], list) else [mapped["answer"]]
+            for key, values in (("problem", [mapped["problem"]]), ("answer", answers)):
+                for value in values:
+                    if not isinstance(value, str) or not value.strip():
+                        raise DataError(f"field {key!r}: empty or not text ({value!r})")
         except DataError as err:
             raise DataError(f"{origin}: row {rownum}: {err}") from None
         local_id = mapped.get("id")
         problems.append(Problem(
-            id=f"{spec.format}:{index if local_id is None else local_id}",
-            problem=mapped["problem"].strip(), solution=mapped.get("solution"),
-            answer=mapped["answer"].strip(), source=spec.format))
-    logger.info("loaded %d %s problems from %s", len(problems), spec.format, origin)
+            id=f"{source}:{index if local_id is None else local_id}",
+            problem=m["prompt_template"].replace("{problem}", mapped["problem"].strip()),
+            solution=mapped.get("solution"), answer=mapped["answer"], source=source,
+            system_prompt=m["system_prompt"]))
+    logger.info("loaded %d %s problems from %s", len(problems), source, origin)
     return problems, origin
 
 
@@ -314,10 +393,10 @@ def build_messages(p: Problem, system_prompt: str, privileged: Optional[str] = N
     elif privileged == "solution" and p.solution:
         user = PRIVILEGED_TEMPLATE.format(problem=p.problem, label=PRIVILEGED_SOLUTION_LABEL, info=p.solution)
     elif privileged in ("solution", "answer"):  # no reference solution: the answer is what we have
-        user = PRIVILEGED_TEMPLATE.format(problem=p.problem, label=PRIVILEGED_ANSWER_LABEL, info=p.answer)
+        user = PRIVILEGED_TEMPLATE.format(problem=p.problem, label=PRIVILEGED_ANSWER_LABEL, info=p.first_answer)
     else:
         raise ValueError(f"privileged must be None, 'solution' or 'answer', got {privileged!r}")
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": p.system_prompt or system_prompt}, {"role": "user", "content": user}]
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -331,8 +410,8 @@ def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = Non
     out_dir = Path(out_dir)
     d = cfg.data
     pool, sources = [], []
-    for spec in d.train:
-        problems, origin = _load_problems(spec, data_dir)
+    for i, spec in enumerate(d.train):
+        problems, origin = _load_problems(spec, data_dir, f"train{i}")
         sources.append({"format": spec.format, "origin": origin, "count": len(problems)})
         pool.extend(problems)
     if d.max_train_problems is not None and len(pool) > d.max_train_problems:
@@ -348,7 +427,7 @@ def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = Non
     benchmarks = {}
     for name in cfg.experiment.benchmarks:
         spec = cfg.benchmarks[name]
-        problems, origin = _load_problems(spec, data_dir)
+        problems, origin = _load_problems(spec, data_dir, name)
         write_jsonl(out_dir / "benchmarks" / f"{name}.jsonl", (p.to_dict() for p in problems))
         files[f"benchmarks/{name}.jsonl"] = len(problems)
         benchmarks[name] = {"format": spec.format, "origin": origin, "count": len(problems)}
@@ -375,10 +454,14 @@ def _warn_duplicate_ids(problems: list[Problem], what: str) -> None:
 
 def read_problems(path: str | Path) -> list[Problem]:
     """Problems from a file written by prepare_data."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file (give --data the folder written by prepare-data)")
     problems = []
     for rownum, row in _read_local(Path(path)):
         try:
             problems.append(Problem.from_dict(row))
         except KeyError as err:
             raise DataError(f"{path}: row {rownum}: field {err.args[0]!r}: missing") from None
+    if not problems:  # pass@k of no problems is NaN, not a result
+        raise DataError(f"{path}: no problems")
     return problems

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,11 +69,37 @@ def convert_gguf(src: Path, dest: Path) -> Path:
     return dest
 
 
+class ModelSourceError(ValueError):
+    """model.* names no folder, file or reachable Hub model; the message says which key and why."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model_source(name: str) -> None:
+    """Fail in one line, at once: a folder that does not exist (transformers would call it a bad repo id) or a
+    Hub id while the Hub is unreachable (transformers would retry for most of a minute)."""
+    if Path(name).expanduser().is_dir():
+        return
+    if not _HUB_ID.fullmatch(name):
+        raise ModelSourceError(f"model.name: {name!r} is not a folder (nor a Hub id of the form org/name)")
+    from hdpo.data import _check_hub
+
+    try:
+        _check_hub(name)
+    except ConnectionError as err:
+        raise ModelSourceError(f"model.name: {err}; or give a local folder") from None
+
+
 def resolve_model(mcfg: ModelConfig, cache_dir: str | Path) -> str:
     """A name that `from_pretrained` accepts: the Hub id / folder, or the converted GGUF folder."""
     if mcfg.gguf_file:
-        src = gguf_path(mcfg)
+        try:
+            src = gguf_path(mcfg)
+        except FileNotFoundError as err:
+            raise ModelSourceError(str(err)) from None
         return str(convert_gguf(src, Path(cache_dir) / src.stem))
+    check_model_source(mcfg.name)
     return mcfg.name
 
 

@@ -48,7 +48,7 @@ def _excerpt(text: str, n: int = 120) -> str:
     return repr(text if len(text) <= n else "..." + text[-n:])  # the answer sits at the end
 
 
-def score_one(response: str, gold: str, timeout_s: Optional[float] = 5.0) -> tuple[float, str]:
+def score_one(response: str, gold: str | list[str], timeout_s: Optional[float] = 5.0) -> tuple[float, str]:
     """(reward, status): 1.0 iff math-verify finds the response's answer equal to the gold. Never raises.
 
     timeout_s None or <= 0 disables math-verify's alarms; so does calling from a non-main thread (with a warning).
@@ -66,9 +66,11 @@ def score_one(response: str, gold: str, timeout_s: Optional[float] = 5.0) -> tup
             logger.warning("math-verify scored outside the main thread: its alarm time limits are off "
                            "(use RewardScorer with workers >= 1 for a time limit)")
     try:
-        gold = str(gold)
-        gold_parsed = parse(gold if "\\boxed" in gold else f"\\boxed{{{gold}}}",
-                            parsing_timeout=seconds, raise_on_error=True)
+        gold_parsed = []  # a list of accepted answers: any one of them scores 1
+        for g in (gold if isinstance(gold, (list, tuple)) else [gold]):
+            g = str(g)
+            gold_parsed += parse(g if "\\boxed" in g else f"\\boxed{{{g}}}",
+                                 parsing_timeout=seconds, raise_on_error=True)
         if not gold_parsed:
             return 0.0, "gold_unparseable"
         pred_parsed = parse(str(response or ""), [LatexExtractionConfig(), ExprExtractionConfig()],

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from hdpo import checkpoint as ckpt
 from hdpo import distributed as dist
 from hdpo import faults
-from hdpo.config import Config, method_name, save_config
+from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
 from hdpo.generation import Sampling, make_generator
@@ -216,7 +216,7 @@ class Trainer:
         self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True)
         self.amp = lambda: autocast(self.device, cfg.model.dtype)
         self.policy.train()
-        self.hdpo_on = cfg.hdpo.method == "hdpo" and cfg.hdpo.distill_weight > 0
+        self.hdpo_on = cfg.hdpo.distill_weight > 0  # lambda = 0 is GRPO
         # The frozen teacher is the step-0 network, kept apart (re-loaded from the source on resume).
         self.frozen = None
         if self.hdpo_on and cfg.hdpo.teacher == "frozen":
@@ -406,7 +406,7 @@ class Trainer:
         with atomic_dir(dest) as tmp:
             self.policy.save_pretrained(tmp)
             self.tok.save_pretrained(tmp)
-            meta = {"run": self.run_dir.name, "method": method_name(self.cfg), "seed": self.cfg.seed,
+            meta = {"run": self.run_dir.name, "method": self.cfg.run.method, "seed": self.cfg.seed,
                     "checkpoint": checkpoint, "model_step": step}
             (tmp / "hdpo_meta.json").write_text(json.dumps(meta, indent=2))
 
@@ -503,7 +503,7 @@ class Trainer:
                 self.save_policy(self.work_dir / "policy_best", 0, "best")
         steps = cfg.grpo.max_num_steps
         bar = tqdm(range(self.state.step, steps), initial=self.state.step, total=steps,
-                   disable=self.rank != 0, desc=method_name(cfg), dynamic_ncols=True)
+                   disable=self.rank != 0, desc=cfg.run.method or "train", dynamic_ncols=True)
         for step in bar:
             row = self.train_step(step)
             self.state.step = step + 1
@@ -538,7 +538,7 @@ class Trainer:
             rows = read_jsonl(self.metrics_path)
             val = [r for r in rows if r["kind"] == "val"]
             final = {k[4:]: v for k, v in val[-1].items() if k.startswith("val/")} if val else {}
-            summary = {"run": self.run_dir.name, "method": method_name(self.cfg), "seed": self.cfg.seed,
+            summary = {"run": self.run_dir.name, "method": self.cfg.run.method, "seed": self.cfg.seed,
                        "steps": self.state.step, "best": self.state.best,
                        "final": {"step": val[-1]["step"] if val else None, **final},
                        "best_checkpoint_metric": self.cfg.checkpoint.best_metric,

@@ -128,7 +128,7 @@ def tiny_config(model_dir: Path, **overrides):
         "model": {"name": str(model_dir), "dtype": "float32", "max_total_sequence_length": 512},
         "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 4, "max_num_steps": 2,
                  "micro_batch_size": 4},
-        "hdpo": {"method": "hdpo", "distill_weight": 1.0, "teacher": "drifting", "privileged_info": "answer",
+        "hdpo": {"distill_weight": 1.0, "teacher": "drifting", "privileged_info": "answer",
                  "max_cliff_prompts_per_step": 2, "topk_logits_k": 16},
         "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0},
         "generation": {"backend": "transformers", "max_new_tokens": 12, "batch_size": 16},

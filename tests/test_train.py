@@ -180,7 +180,7 @@ def test_hdpo_moves_the_student_on_cliffs_where_grpo_cannot(tiny_model_dir, tmp_
     model, tok = _load(tiny_model_dir)
     before = _prob_of_answer(model, tok, "8")
 
-    grpo = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.method": "grpo"})
+    grpo = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.distill_weight": 0.0})
     rows = [r for r in _metrics(grpo) if r["kind"] == "train"]
     assert all(r["cliffs"] == 2 and r["grad_norm"] == 0.0 and r["privileged/generated"] == 0 for r in rows)
     for (n, a), b in zip(model.state_dict().items(), grpo.policy.state_dict().values()):
@@ -198,8 +198,10 @@ def test_hdpo_moves_the_student_on_cliffs_where_grpo_cannot(tiny_model_dir, tmp_
 
 def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
     data = _data(tmp_path, {"7", "8"})
-    a = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.method": "grpo"})
-    b = _run(tmp_path, tiny_model_dir, "lambda0", data, **{"hdpo.distill_weight": 0.0})
+    # the paper's GRPO record, and an HDPO set-up with lambda = 0 and a frozen teacher (which then must not matter)
+    a = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.distill_weight": 0.0})
+    b = _run(tmp_path, tiny_model_dir, "lambda0", data, **{"hdpo.distill_weight": 0.0, "hdpo.teacher": "frozen",
+                                                           "hdpo.privileged_sampler": "teacher"})
     for x, y in zip(a.policy.state_dict().values(), b.policy.state_dict().values()):
         assert torch.equal(x, y)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]

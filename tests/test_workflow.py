@@ -35,9 +35,12 @@ PAPER_METHODS = ["grpo", "hdpo_frozen_lambda0.01", "hdpo_frozen_lambda0.1", "hdp
 def snakemake(workdir: Path, *args: str, snakefile: Path = SNAKEFILE, check: bool = True) -> str:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # jobs run `python`
     args = list(args)
-    if "--configfile" in args:  # it takes several values: keep it last, after the targets
+    if "--configfile" in args:  # it takes several values: keep it (and its .yaml files) last, after the targets
         i = args.index("--configfile")
-        args = args[:i] + args[i + 2:] + args[i:i + 2]
+        j = i + 1
+        while j < len(args) and args[j].endswith(".yaml"):
+            j += 1
+        args = args[:i] + args[j:] + args[i:j]
     proc = subprocess.run([*SNAKEMAKE, "-s", str(snakefile), "--directory", str(workdir), *args],
                           capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
@@ -94,7 +97,8 @@ def test_schema_accepts_the_paper_config():
     (lambda c: c["grpo"].__setitem__("num_prompt_per_step", 32), "num_prompt_per_step"),  # typo
     (lambda c: c.__setitem__("optimiser", {"lr": 1e-6}), "optimiser"),  # unknown section
     (lambda c: c["grpo"].__setitem__("max_num_steps", "many"), "many"),  # bad type
-    (lambda c: c["experiment"].__setitem__("methods", ["grpo", "hdpo_warm_lambda0.1"]), "hdpo_warm_lambda0.1"),
+    (lambda c: c["experiment"]["methods"].__setitem__("warm", {"label": "w", "teacher": "warm",
+                                                               "distill_weight": 0.1}), "warm"),
     (lambda c: c["resources"]["train"].__setitem__("gpus", 8), "gpus"),
 ])
 def test_schema_rejects_bad_configs(mutate, where):
@@ -105,22 +109,28 @@ def test_schema_rejects_bad_configs(mutate, where):
     assert where in str(err.value.message) or where in str(list(err.value.path))
 
 
-def _dataclass_fields(tp) -> set[str]:
-    return {f.name for f in dataclasses.fields(tp)}
+def test_schema_file_is_generated_from_the_typed_config():
+    """One source of truth: the committed schema is what the typed config generates (regenerate with
+    `python -m hdpo config --schema > workflow/schemas/config.schema.yaml`), and every key has a doc."""
+    assert _schema() == hdpo_config.json_schema()
+    keys = list(hdpo_config.iter_keys())
+    assert len(keys) > 80 and all(k.doc for k in keys), [k.key for k in keys if not k.doc]
+    assert {"grpo.max_num_steps", "experiment.methods.<name>.distill_weight", "data.train[].answer_key"} <= {
+        k.key for k in keys}
 
 
-def test_schema_mirrors_the_typed_config():
-    """Every section and key of hdpo.config.Config is in the schema and vice versa (no drift)."""
-    schema = _schema()
-    props = schema["properties"]
-    assert set(props) - {"resources"} == _dataclass_fields(hdpo_config.Config) - {"resources"}
-    hints = typing.get_type_hints(hdpo_config.Config)
-    for name in _dataclass_fields(hdpo_config.Config):
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp) and name != "resources":
-            assert set(props[name]["properties"]) == _dataclass_fields(tp), name
-            assert props[name]["additionalProperties"] is False, name
-    assert set(schema["$defs"]["dataset"]["properties"]) == _dataclass_fields(hdpo_config.DatasetSpec)
+def test_a_new_key_flows_into_schema_and_explain():
+    """Adding a key is one `key(...)` line in a dataclass: schema and key listing walk the dataclasses, so it
+    reaches both with no other edit (here a new section, built the way hdpo/config.py declares them)."""
+    from dataclasses import make_dataclass
+
+    section = make_dataclass("NewSection", [("new_budget", int, hdpo_config.key(7, "a brand-new knob", paper=True))])
+    top = make_dataclass("Top", [("grpo", section, hdpo_config.key(doc="a section", factory=section))])
+    defs: dict = {}
+    hdpo_config._defs(top, defs)
+    assert defs["NewSection"]["properties"]["new_budget"] == {"type": "integer", "description": "a brand-new knob"}
+    assert [(k.key, k.type, k.default, k.doc, k.paper) for k in hdpo_config.iter_keys(top)] == [
+        ("grpo.new_budget", "int", 7, "a brand-new knob", True)]
 
 
 def test_paper_config_loads_in_the_typed_config():
@@ -142,10 +152,50 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, mutate, message):
     assert "Job stats" not in out
 
 
-def test_config_overrides_on_the_command_line_are_refused(tmp_path):
-    code, out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(PAPER_CONFIG),
-                          "--config", "seed=1", check=False)
-    assert code != 0 and "--configfile" in out
+def _merged_config_of(workdir: Path, out: str, rule: str = "train") -> dict:
+    """The config file a job reads, from a dry-run's printed shell command (relative to the working directory)."""
+    paths = set(re.findall(rf"-m hdpo {rule} --config (\S+)", out))
+    assert len(paths) == 1, out[-3000:]
+    return yaml.safe_load((workdir / paths.pop()).read_text())
+
+
+def test_partial_override_file_keeps_the_papers_setup(tmp_path):
+    """A two-line --configfile changes what it sets; the paper's GPUs, torchrun and the rest stay."""
+    part = tmp_path / "part.yaml"
+    part.write_text("grpo:\n  max_num_steps: 5\n")
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(part))
+    blocks = _job_blocks(out, "train")
+    assert len(blocks) == 5 and all(re.search(r"resources: .*\bgpu=8\b", b) for b in blocks)
+    assert out.count("--nproc_per_node=8 -m hdpo train") == 5
+    merged = _merged_config_of(tmp_path, out)
+    assert merged["grpo"]["max_num_steps"] == 5 and merged["grpo"]["num_prompts_per_step"] == 32
+    assert merged["model"]["name"] == "Qwen/Qwen2.5-Math-1.5B-Instruct" and merged["resources"]["train"]["gpu"] == 8
+
+
+def test_config_values_on_the_command_line_reach_the_jobs(tmp_path):
+    out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "4", "--configfile", str(PAPER_CONFIG), "--config",
+                    "grpo={max_num_steps: 5}", "optimizer={lr: 2.0e-6}", "seed=3")
+    merged = _merged_config_of(tmp_path, out)
+    assert merged["grpo"]["max_num_steps"] == 5 and merged["grpo"]["num_generations_per_prompt"] == 16
+    assert merged["optimizer"]["lr"] == 2.0e-6 and merged["seed"] == 3
+    assert _merged_config_of(tmp_path, out, "evaluate") == merged  # every job reads the same file
+    from hdpo.config import run_config
+
+    run = run_config(merged, "grpo", 42)  # what `hdpo train --config <file> --method grpo --seed 42` builds
+    assert run.grpo.max_num_steps == 5 and run.run.method == "grpo" and run.run.label == "GRPO baseline"
+    # two override files layer in order, later wins; and a changed value reruns training
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("grpo: {max_num_steps: 7}\noptimizer: {lr: 3.0e-6}\n")
+    b.write_text("grpo: {max_num_steps: 9}\n")
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "grpo", "--configfile", str(a), str(b))
+    merged = _merged_config_of(tmp_path, out)
+    assert merged["grpo"]["max_num_steps"] == 9 and merged["optimizer"]["lr"] == 3.0e-6
+
+
+def test_bad_override_stops_in_one_line(tmp_path):
+    code, out = snakemake(tmp_path, "-n", "--cores", "1", "--config", "grpo={max_num_step: 5}", check=False)
+    assert code != 0 and "grpo.max_num_step: unknown key" in out and "--config grpo={max_num_step: 5}" in out
+    assert "Traceback" not in out and "Failed validating" not in out
 
 
 # --- the grid ---------------------------------------------------------------------------------------------------
@@ -166,12 +216,21 @@ def test_method_targets_build_only_that_method(tmp_path):
 def test_group_targets(tmp_path):
     assert dry_run(tmp_path, PAPER_CONFIG, "lambda_sweep")["train"] == 5
     cfg = paper_config()
-    cfg["experiment"]["methods"] = ["grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1",
-                                    "hdpo_drifting_lambda0.5"]
+    keep = ("grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1")
+    cfg["experiment"]["methods"] = {m: r for m, r in cfg["experiment"]["methods"].items() if m in keep}
+    cfg["experiment"]["methods"]["drift_half"] = {"label": "HDPO drifting, λ=0.5", "distill_weight": 0.5}
+    cfg["experiment"]["methods"]["frozen_topk8"] = {"label": "top-8", "teacher": "frozen", "distill_weight": 0.5,
+                                                   "settings": {"hdpo.topk_logits_k": 8}}
     path = write_config(tmp_path / "c.yaml", cfg)
+    # the file is layered over config/config.yaml: `null` drops the paper's records it does not keep
+    cfg["experiment"]["methods"].update({m: None for m in PAPER_METHODS if m not in keep})
+    write_config(path, cfg)
     out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(path), "teacher_ablation")
     trained = set(re.findall(r"wildcards: method=(\S+), seed=", out))
-    assert trained == {"grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1"}  # 0.5 has no frozen pair
+    # 0.5 has no plain frozen pair (frozen_topk8 differs in more than the teacher)
+    assert trained == {"grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1"}
+    out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(path), "lambda_sweep")
+    assert set(re.findall(r"wildcards: method=(\S+), seed=", out)) == {*keep, "drift_half"}
 
 
 def test_every_rule_and_target_is_listed(tmp_path):
@@ -186,7 +245,8 @@ def test_more_seeds_benchmarks_and_methods_add_jobs(tmp_path):
     cfg["experiment"]["seeds"] = [42, 43]
     counts = dry_run(tmp_path, write_config(tmp_path / "seeds.yaml", cfg))
     assert counts["train"] == 10 and counts["evaluate"] == 60
-    cfg["experiment"]["methods"].append("hdpo_frozen_lambda0.5")
+    cfg["experiment"]["methods"]["hdpo_frozen_lambda0.5"] = {"label": "HDPO frozen, λ=0.5", "teacher": "frozen",
+                                                             "distill_weight": 0.5}
     cfg["experiment"]["benchmarks"] = ["math500"]
     counts = dry_run(tmp_path, write_config(tmp_path / "more.yaml", cfg))
     assert counts["train"] == 12 and counts["evaluate"] == 6 * 2 * 1 * 2
@@ -210,7 +270,7 @@ def test_train_jobs_ask_for_8_gpus_under_torchrun(tmp_path):
     # a smaller machine scales the job down (and the launcher with it)
     out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "4", "--resources", "gpu=1",
                     "--configfile", str(PAPER_CONFIG))
-    assert re.search(r"Shell command: \S*python\S* -m hdpo train", out) and "torch.distributed.run" not in out
+    assert re.search(r"Shell command: .*python\S* -m hdpo train", out) and "torch.distributed.run" not in out
 
 
 def test_cpu_config_trains_without_torchrun(tmp_path):
@@ -360,6 +420,26 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     out = snakemake(root, "-n", "--cores", "2", "--configfile", str(write_config(root / "topk.yaml", topk)),
                     snakefile=snakefile)
     assert job_counts(out)["train"] == 1 and "method=hdpo_frozen_lambda0.1" in out and "method=grpo" not in out
+    # a method's record: its distill weight retrains that method only; its label reruns only the report
+    def records(**changes) -> dict:
+        c = _tiny()
+        c["experiment"]["methods"] = {
+            "grpo": {"label": "GRPO baseline", "distill_weight": 0.0},
+            "hdpo_frozen_lambda0.1": {"label": "HDPO frozen, λ=0.1", "teacher": "frozen", "distill_weight": 0.1,
+                                      **changes}}
+        return c
+
+    assert plan(write_config(root / "records.yaml", records())) == {}  # the same records, written out
+    assert plan(write_config(root / "label.yaml", records(label="frozen teacher"))) == {
+        "tables": 1, "figures": 1, "all": 1}
+    assert plan(write_config(root / "weight.yaml", records(distill_weight=0.2))) == {
+        "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
+    assert plan(write_config(root / "msettings.yaml", records(settings={"hdpo.topk_logits_k": 8}))) == {
+        "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
+    # a value on the command line is a layer like any other
+    assert plan(tiny, extra=("--config", "optimizer={lr: 2.0e-6}")) == {"train": 2, "evaluate": 4, "tables": 1,
+                                                                         "figures": 1, "all": 1}
+    assert plan(tiny, extra=("--config", "grpo={micro_batch_size: 1}")) == {}
     # evaluation settings rerun evaluations and training (validation runs inside training), not the data
     ev = _tiny()
     ev["eval"]["temperature"] = 0.6

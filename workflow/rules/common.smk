@@ -1,5 +1,6 @@
-# Shared set-up: which config file the jobs read, validation, the experiment grid, wildcard constraints,
-# per-rule resources, the settings that decide when a job reruns, and helpers that list targets.
+# Shared set-up: Snakemake's merged config validated once and written for the jobs, the experiment grid,
+# wildcard constraints, per-rule resources, the settings that decide when a job reruns, and helpers that list
+# targets.
 import hashlib
 import json
 import os
@@ -10,12 +11,11 @@ from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 REPO = Path(workflow.basedir).parent  # workflow/ lives in the repository root
 if str(REPO) not in sys.path:  # the workflow reads the grid with the same typed config as the CLI
     sys.path.insert(0, str(REPO))
-from hdpo.config import Config, ConfigError, from_dict, parse_method  # noqa: E402
+from hdpo.config import ConfigError, deep_merge, from_dict, iter_keys, method_overrides  # noqa: E402
 
 
 def _display_path(path) -> str:
@@ -27,45 +27,58 @@ def _display_path(path) -> str:
         return str(path)
 
 
-# --- the config file every job reads ----------------------------------------------------------------------
-# Jobs read ONE config file (`hdpo ... --config FILE`): the one given with --configfile, else the default
-# named by `configfile:` in the Snakefile. Snakemake itself would *merge* a --configfile over the default
-# one; `config` is reset to the chosen file's content below, so the DAG and the jobs see the same settings.
-if workflow.config_settings.config:
-    raise WorkflowError(
-        "`--config key=value` overrides are not supported: jobs read the config file, not Snakemake's "
-        "merged config. Copy config/config.yaml (or config/demo.yaml), edit the copy and pass it with "
-        "`--configfile`.")
-if len(workflow.overwrite_configfiles) > 1:
-    raise WorkflowError(
-        "give at most one --configfile (jobs read exactly one config file); got: "
-        + ", ".join(_display_path(p) for p in workflow.overwrite_configfiles))
-CONFIGFILE = _display_path(workflow.overwrite_configfiles[0] if workflow.overwrite_configfiles
-                           else DEFAULT_CONFIGFILE)
+# --- the config: Snakemake's, merged as in any workflow ---------------------------------------------------
+# `config` holds config/config.yaml (the `configfile:` default, when present), then every --configfile in
+# order, then --config key=value: mappings merge key by key, a later layer wins. Snakemake reads --config
+# values with a YAML loader that keeps every scalar a string ('grpo={max_num_steps: 5}' gives '5'); they are
+# read again here as YAML values, so numbers and booleans arrive typed.
+for _arg in workflow.config_settings.config_args or []:
+    _key, _, _raw_value = _arg.partition("=")
+    config.update(deep_merge(config, {_key: yaml.safe_load(_raw_value) if _raw_value else None}))
+# A dotted key (`grpo.max_num_steps: 5` in a --configfile) is the same as the nested one.
+for _key in [k for k in config if "." in k]:
+    _value = config.pop(_key)
+    _node = {}
+    _top = _node
+    for _part in _key.split(".")[:-1]:
+        _node = _node.setdefault(_part, {})
+    _node[_key.split(".")[-1]] = _value
+    config.update(deep_merge(config, _top))
 
-with open(CONFIGFILE) as _fh:
-    _raw = yaml.safe_load(_fh) or {}
-if not isinstance(_raw, dict):
-    raise WorkflowError(f"{CONFIGFILE}: the top level must be a mapping")
-config.clear()
-config.update(_raw)
+_LAYER_NAMES = [_display_path(p) for p in workflow.configfiles[len(workflow.overwrite_configfiles):]]
+_LAYER_NAMES.extend(_display_path(p) for p in workflow.overwrite_configfiles)
+if workflow.config_settings.config_args:
+    _LAYER_NAMES.append(f"--config {' '.join(workflow.config_settings.config_args)}")
+LAYERS = " + ".join(_LAYER_NAMES)  # for messages: where the settings came from
 
-# Names and types, against the schema (a misspelt key fails here, before any job)...
-validate(config, "../schemas/config.schema.yaml", set_default=False)
-
-# ...then values, with the CLI's own typed config.
+# Validated once, by the typed config (hdpo/config.py), the one source of truth: a bad key fails here, in
+# one line, before any job. (workflow/schemas/config.schema.yaml is generated from the same types, for
+# editors and readers; a test keeps it in step.)
 try:
     CFG = from_dict(config)
 except ConfigError as err:
-    raise WorkflowError(f"{CONFIGFILE}: {err}") from None
+    raise WorkflowError(f"config ({LAYERS or 'built-in defaults'}): {err}") from None
 _CFG_DICT = CFG.to_dict()  # every key, defaults filled in
 
+# Every job reads this file: the merged, validated config (defaults filled in), named by its content, so the
+# DAG and the jobs cannot disagree and concurrent runs with other settings never overwrite each other's.
+_MERGED_TEXT = yaml.safe_dump(_CFG_DICT, sort_keys=False, allow_unicode=True)
+CONFIGFILE = f"results/config/{hashlib.sha256(_MERGED_TEXT.encode()).hexdigest()[:12]}.yaml"
+if not os.path.exists(CONFIGFILE):
+    os.makedirs(os.path.dirname(CONFIGFILE), exist_ok=True)
+    _tmp = f"{CONFIGFILE}.{os.getpid()}.tmp"
+    with open(_tmp, "w") as _fh:
+        _fh.write(f"# The merged, validated config the jobs read (named by its content)\n{_MERGED_TEXT}")
+    os.replace(_tmp, CONFIGFILE)
+
 # --- the grid ----------------------------------------------------------------------------------------------
-METHODS = list(CFG.experiment.methods)
+RECORDS = {name: rec for name, rec in CFG.experiment.methods.items()}  # name -> MethodRecord
+METHODS = list(RECORDS)
 SEEDS = [str(s) for s in CFG.experiment.seeds]
 BENCHMARKS = list(CFG.experiment.benchmarks)
 CHECKPOINTS = list(CFG.experiment.checkpoints)
 RUNS = [f"{m}_seed{s}" for m in METHODS for s in SEEDS]
+RUN_METHOD = {f"{m}_seed{s}": m for m in METHODS for s in SEEDS}
 
 
 def _alternatives(items) -> str:
@@ -90,38 +103,47 @@ _RESOURCE_DEFAULTS = {
 
 
 def resource(rule_name: str, key: str) -> int:
-    return int((config.get("resources") or {}).get(rule_name, {}).get(key, _RESOURCE_DEFAULTS[rule_name][key]))
+    return int((_RAW.get("resources") or {}).get(rule_name, {}).get(key, _RESOURCE_DEFAULTS[rule_name][key]))
 
 
 # --- what makes a job rerun --------------------------------------------------------------------------------
 # Snakemake reruns a job when a `params` value changes. Each job gets one `settings` parameter: the JSON of
-# the parts of the config FILE (as written, before defaults) that can change its result, and nothing else.
+# the parts of the merged config (as given, before defaults) that can change its result, and nothing else.
 # So adding a method, seed or benchmark adds jobs without rerunning the others; an edited learning rate
-# reruns training; edits inside the hdpo package, new keys with defaults included, rerun nothing (see
-# workflow/README.md for forcing a rerun).
-_RAW = json.loads(json.dumps(config))  # the config file's content, plain types
+# reruns training; a method's record reruns that method's runs only (its label only the report); edits
+# inside the hdpo package, new keys with defaults included, rerun nothing (see workflow/README.md for
+# forcing a rerun).
+_RAW = json.loads(json.dumps(config))  # the merged config as given, plain types
 # Keys that change speed or memory, not results: editing them (e.g. after an out-of-memory) reruns nothing.
-# optimizer.on_nonfinite changes nothing until a step is non-finite: switching it to `skip` after such a stop
-# resumes the run from its last good checkpoint instead of retraining from step 0.
-RUNTIME_ONLY = {"grpo.micro_batch_size", "generation.batch_size", "generation.gpu_memory_utilization",
-                "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir", "optimizer.on_nonfinite"}
+# They are the keys declared with `runtime=True` in hdpo/config.py.
+RUNTIME_ONLY = {k.key for k in iter_keys() if k.runtime}
 
 
 def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def _sections(*names: str) -> dict:
-    """These top-level sections of the config file, without the runtime-only keys."""
+def _sections(raw: dict, *names: str) -> dict:
+    """These top-level sections of a raw config, without the runtime-only keys."""
     out = {}
     for name in names:
-        if name not in _RAW:
+        if name not in raw:
             continue
-        value = _RAW[name]
+        value = raw[name]
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if f"{name}.{k}" not in RUNTIME_ONLY}
         out[name] = value
     return out
+
+
+def _method_raw(method: str) -> dict:
+    """The raw merged config with the method's record applied (its settings, teacher, distill weight);
+    the label is left out: it names the method in tables, it changes no result."""
+    over = method_overrides(RECORDS[method])
+    over.pop("run", None)
+    if RECORDS[method].distill_weight == 0:  # GRPO: the teacher does not exist
+        over["hdpo"].pop("teacher", None)
+    return deep_merge(_RAW, over)
 
 
 def _benchmark_spec(bench: str):
@@ -129,24 +151,24 @@ def _benchmark_spec(bench: str):
 
 
 def data_settings() -> str:
-    return _json({**_sections("data"), "benchmarks": {b: _benchmark_spec(b) for b in BENCHMARKS}})
+    return _json({**_sections(_RAW, "data"), "benchmarks": {b: _benchmark_spec(b) for b in BENCHMARKS}})
 
 
 def train_settings(wildcards) -> str:
     """Everything training reads except the grid (method and seed are in the output path), the benchmarks and
-    the resources. The method sets hdpo.method/teacher/distill_weight; GRPO ignores the hdpo section."""
-    d = _sections("model", "data", "grpo", "hdpo", "optimizer", "generation", "eval", "checkpoint")
-    if parse_method(wildcards.method)["hdpo.method"] == "grpo":
-        d.pop("hdpo", None)
-    elif "hdpo" in d:
-        d["hdpo"] = {k: v for k, v in d["hdpo"].items() if k not in ("method", "teacher", "distill_weight")}
+    the resources, with the method's record applied. GRPO (distill_weight 0) ignores the rest of `hdpo`."""
+    raw = _method_raw(wildcards.method)
+    d = _sections(raw, "model", "data", "grpo", "hdpo", "optimizer", "generation", "eval", "checkpoint")
+    if RECORDS[wildcards.method].distill_weight == 0:
+        d["hdpo"] = {"distill_weight": 0}
     return _json(d)
 
 
 def evaluate_settings(wildcards) -> str:
-    d = _sections("model", "generation", "eval")
+    raw = _method_raw(RUN_METHOD[wildcards.run])
+    d = _sections(raw, "model", "generation", "eval")
     d.get("eval", {}).pop("val_period", None)
-    d["system_prompt"] = (_RAW.get("data") or {}).get("system_prompt")
+    d["system_prompt"] = (raw.get("data") or {}).get("system_prompt")
     d["benchmark"] = _benchmark_spec(wildcards.bench)
     return _json(d)
 
@@ -158,14 +180,22 @@ def report_settings() -> str:
 
 
 def configfile_arg(wildcards, input) -> str:
-    """The path passed as `--config`. It takes `input`, so Snakemake counts it as derived and never reruns a
-    job because the path changed: an edited copy of the config at another path (say with one more seed)
-    reruns only what its `settings` change."""
+    """The merged config's path, passed as `--config`. It takes `input`, so Snakemake counts it as derived and
+    never reruns a job because the path changed: other settings rerun only what their `settings` change."""
     return CONFIGFILE
 
 
-# Jobs run with the interpreter that runs Snakemake, so `.venv/bin/snakemake` works without activating .venv.
-PYTHON = shlex.quote(sys.executable)
+def method_arg(wildcards, input) -> str:
+    """The evaluated run's method (its record's settings apply to evaluation too); derived, like the path."""
+    return RUN_METHOD[wildcards.run]
+
+
+# Jobs import the hdpo package beside this workflow. Under `--software-deployment-method conda` they run the
+# `python` of the rule's conda env (workflow/envs/hdpo.yaml: the dependencies); otherwise the interpreter
+# that runs Snakemake, so `.venv/bin/snakemake` works without activating .venv.
+_IN_CONDA = any(m.name == "CONDA" for m in workflow.deployment_settings.deployment_method)
+PYTHON = (f"PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}} "
+          + ("python" if _IN_CONDA else shlex.quote(sys.executable)))
 
 
 def python_arg(wildcards, input) -> str:
@@ -221,19 +251,17 @@ def targets_of(methods) -> list[str]:
     return [f for run in runs_of(methods) for f in run_files(run) + eval_files(run)]
 
 
-def _lambda_of(method: str) -> float:
-    return float(parse_method(method)["hdpo.distill_weight"])
-
-
-HDPO_METHODS = [m for m in METHODS if m != "grpo"]
-BASELINE = ["grpo"] if "grpo" in METHODS else []
-# lambda sweep: the baseline (lambda = 0) and every HDPO method, whatever its teacher.
+# Groups, from the records' fields (records with extra `settings` differ in more than lambda or teacher, so
+# they join no group). lambda sweep: the GRPO baseline(s) (distill_weight 0) and every HDPO method.
+_PLAIN = {m: r for m, r in RECORDS.items() if not r.settings}
+BASELINE = [m for m, r in _PLAIN.items() if r.distill_weight == 0]
+HDPO_METHODS = [m for m, r in _PLAIN.items() if r.distill_weight > 0]
 LAMBDA_SWEEP = BASELINE + HDPO_METHODS
 # teacher ablation: the baseline and each frozen/drifting pair that shares a lambda.
-_BY_TEACHER = {(parse_method(m)["hdpo.teacher"], _lambda_of(m)): m for m in HDPO_METHODS}
-TEACHER_ABLATION = BASELINE + [m for m in HDPO_METHODS
-                               if ({"frozen": "drifting", "drifting": "frozen"}[parse_method(m)["hdpo.teacher"]],
-                                   _lambda_of(m)) in _BY_TEACHER]
+_BY_TEACHER = {(r.teacher, r.distill_weight) for m, r in _PLAIN.items() if r.distill_weight > 0}
+TEACHER_ABLATION = BASELINE + [
+    m for m in HDPO_METHODS
+    if ({"frozen": "drifting", "drifting": "frozen"}[RECORDS[m].teacher], RECORDS[m].distill_weight) in _BY_TEACHER]
 
 # The software of every job (deployed with `--sdm conda`; otherwise jobs run in the current environment).
 # Relative to the .smk file that uses it, as `conda:` paths are.
@@ -246,7 +274,7 @@ def _check_gpu_limit():
     wants = max(resource(name, "gpu") for name in _RESOURCE_DEFAULTS)
     if wants > 0 and workflow.local_exec and "gpu" not in workflow.global_resources:
         raise WorkflowError(
-            f"{CONFIGFILE} asks for GPUs (resources.*.gpu up to {wants}) but Snakemake got no GPU limit: on one "
+            f"the config ({LAYERS}) asks for GPUs (resources.*.gpu up to {wants}) but Snakemake got no GPU limit: on one "
             "machine it would start all GPU jobs at once. Run with `--profile workflow/profiles/local` (8 GPUs, "
             "one evaluation at a time) or give `--resources gpu=<number of GPUs>`. On a machine without GPUs use "
             "`--configfile config/demo.yaml`.")

@@ -9,6 +9,7 @@ rule evaluate:
     params:
         settings=evaluate_settings,
         config=configfile_arg,
+        method=method_arg,
         python=python_arg,
         data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
     log:
@@ -23,5 +24,6 @@ rule evaluate:
         mem_mb=resource("evaluate", "mem_mb"),
         runtime=resource("evaluate", "runtime"),
     shell:
-        "{params.python} -m hdpo evaluate --config {params.config:q} --model {input.model:q} --benchmark {wildcards.bench}"
+        "{params.python} -m hdpo evaluate --config {params.config:q} --model {input.model:q} --method {params.method}"
+        " --benchmark {wildcards.bench}"
         " --data {params.data:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"

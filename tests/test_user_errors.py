@@ -1,0 +1,182 @@
+"""Every user mistake of issue 10 stops the real CLI with one line that names the file, variable or key, and
+no traceback; nothing that would silently produce a meaningless number is accepted."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hdpo.config import ConfigError, from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "config" / "demo.yaml")
+
+
+def hdpo(*args, env=None) -> tuple[int, list[str]]:
+    """Exit code and the stderr lines that are not log records."""
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "hdpo", *args], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not any(
+        f" {lvl} " in l for lvl in ("INFO", "WARNING", "DEBUG"))]
+    return proc.returncode, lines
+
+
+def one_line_error(code: int, lines: list[str], *needles: str) -> str:
+    assert code != 0
+    assert len(lines) == 1 and not any("Traceback" in l for l in lines), lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _hub_reachable() -> bool:
+    from hdpo.data import _check_hub
+
+    try:
+        _check_hub("probe")
+    except ConnectionError:
+        return False
+    return True
+
+
+needs_no_hub = pytest.mark.skipif(_hub_reachable(), reason="the Hugging Face Hub is reachable from here")
+
+
+def test_missing_config_file(tmp_path):
+    one_line_error(*hdpo("prepare-data", "--config", "config/nope.yaml", "--out", str(tmp_path)), "config/nope.yaml")
+
+
+def test_unknown_format_names_the_key(tmp_path):
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path),
+                         "--set", "benchmarks.math500.format=math-500"),
+                   "benchmarks.math500.format", "'math-500'", "math500")
+
+
+def test_missing_data_folder(tmp_path):
+    one_line_error(*hdpo("train", "--config", DEMO, "--method", "grpo", "--data", str(tmp_path / "nodata"),
+                         "--run-dir", str(tmp_path / "run"), "--work-dir", str(tmp_path / "work")),
+                   str(tmp_path / "nodata" / "train.jsonl"), "prepare-data")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_method(tmp_path):
+    one_line_error(*hdpo("train", "--config", DEMO, "--method", "hdpo_warm", "--data", str(tmp_path),
+                         "--run-dir", str(tmp_path / "run"), "--work-dir", str(tmp_path / "work")),
+                   "'hdpo_warm'", "experiment.methods")
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "512", "4096"])
+def test_generation_budget_beyond_the_sequence_length(tmp_path, value):
+    """demo: max_total_sequence_length 512; a budget >= it leaves the prompt no room (answers cut to ~1 token)."""
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path),
+                         "--set", f"generation.max_new_tokens={value}"),
+                   "generation.max_new_tokens", "model.max_total_sequence_length=512")
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        load_config(DEMO, [f"eval.max_new_tokens={value}"])
+    assert load_config(DEMO, ["generation.max_new_tokens=511"]).generation.max_new_tokens == 511
+
+
+def test_empty_benchmark_file(tmp_path, data_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    env = dict(os.environ, HDPO_DATA_DIR=str(data_dir))
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"),
+                         "--set", f"benchmarks.math500.path={empty}", env=env), str(empty), "no rows", "math500")
+    assert not (tmp_path / "data" / "benchmarks").exists()
+
+
+def test_empty_prepared_benchmark_is_refused_by_evaluate(tmp_path):
+    """A benchmark file emptied after prepare-data: evaluate stops instead of writing pass@1 = NaN."""
+    data = tmp_path / "data"
+    (data / "benchmarks").mkdir(parents=True)
+    (data / "benchmarks" / "math500.jsonl").write_text("")
+    model = tmp_path / "policy"
+    model.mkdir()
+    out = tmp_path / "eval" / "math500.json"
+    one_line_error(*hdpo("evaluate", "--config", DEMO, "--model", str(model), "--benchmark", "math500",
+                         "--data", str(data), "--out", str(out)), "math500.jsonl", "no problems")
+    assert not out.exists()
+
+
+def test_missing_policy_folder(tmp_path):
+    one_line_error(*hdpo("evaluate", "--config", DEMO, "--model", str(tmp_path / "policy_final"), "--benchmark",
+                         "math500", "--data", str(tmp_path), "--out", str(tmp_path / "x.json")),
+                   str(tmp_path / "policy_final"))
+
+
+def test_empty_training_file_names_the_file(tmp_path):
+    empty = tmp_path / "train_rows.jsonl"
+    empty.write_text("\n")
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"),
+                         "--set", f"data.train=[{{format: svamp, path: {empty}}}]"), str(empty), "no rows")
+
+
+def test_model_folder_that_does_not_exist(tmp_path, tiny_data):
+    one_line_error(*hdpo("train", "--config", DEMO, "--method", "grpo", "--data", str(tiny_data),
+                         "--run-dir", str(tmp_path / "run"), "--work-dir", str(tmp_path / "work"),
+                         "--set", f"model.name={tmp_path / 'no-such-model'}", "model.gguf_file=null"),
+                   "model.name", "no-such-model", "not a folder")
+
+
+@needs_no_hub
+def test_hub_model_without_network_fails_at_once(tmp_path, tiny_data):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    one_line_error(*hdpo("train", "--config", DEMO, "--method", "grpo", "--data", str(tiny_data),
+                         "--run-dir", str(tmp_path / "run"), "--work-dir", str(tmp_path / "work"),
+                         "--set", "model.name=Qwen/Qwen2.5-Math-1.5B-Instruct", "model.gguf_file=null", env=env),
+                   "model.name", "Qwen/Qwen2.5-Math-1.5B-Instruct", "not reachable", "HF_HUB_OFFLINE")
+
+
+@needs_no_hub
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_wrong_data_dir_names_the_variable(tmp_path, where):
+    """The demo's mirrors looked for in a wrong HDPO_DATA_DIR: the message names the variable and the file, and
+    does not tell someone already on config/demo.yaml to use it."""
+    folder = tmp_path / "mirrors"
+    if where == "empty":
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HDPO_DATA_DIR"] = str(folder)
+    line = one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"), env=env),
+                          f"HDPO_DATA_DIR={folder}", "svamp_test.jsonl")
+    assert "demo.yaml" not in line
+    assert ("is not a folder" in line) == (where == "missing")
+
+
+@needs_no_hub
+def test_unset_data_dir_names_the_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                              "HDPO_DATA_DIR")}
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"), env=env),
+                   "HDPO_DATA_DIR is not set", "svamp_test.jsonl")
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["hdpo"].__setitem__("method", "grpo"), "hdpo.method: removed"),
+    (lambda c: c["experiment"].__setitem__("methods", {"a": {"label": "A"}}), "experiment.methods.a.distill_weight"),
+    (lambda c: c["experiment"].__setitem__("methods", {"a": {"label": "A", "distill_weight": -1}}),
+     "experiment.methods.a.distill_weight"),
+    (lambda c: c["experiment"].__setitem__("methods", {"a b": {"label": "A", "distill_weight": 0}}),
+     "experiment.methods.a b"),
+    (lambda c: c["experiment"].__setitem__("methods", {"a": {"label": "A", "distill_weight": 0.1,
+                                                             "settings": {"seed": 3}}}),
+     "experiment.methods.a.settings.seed"),
+    (lambda c: c["experiment"].__setitem__("methods", {"a": {"label": "A", "distill_weight": 0.1,
+                                                             "settings": {"hdpo.topk_logit_k": 3}}}),
+     "experiment.methods.a.settings: hdpo.topk_logit_k: unknown key"),
+    (lambda c: c["experiment"].__setitem__("methods", ["grpo", "hdpo_warm_lambda0.1"]), "experiment.methods[1]"),
+    (lambda c: c["benchmarks"].__setitem__("x", {"path": "x.jsonl", "answer_pattern": "(#"}),
+     "benchmarks.x.answer_pattern"),
+])
+def test_bad_config_names_the_key(mutate, key):
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        from_dict(cfg)
+    assert key in str(err.value) and "\n" not in str(err.value)
