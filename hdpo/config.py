@@ -41,6 +41,7 @@ class ModelConfig:
     gguf_file: Optional[str] = None  # the GGUF file inside it (or an absolute path)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     max_total_sequence_length: int = 4096
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward (memory for time)
 
 
 @dataclass
@@ -67,6 +68,9 @@ class GRPOConfig:
     token_level_loss: bool = True
     reference_policy_kl_penalty: float = 0.0
     micro_batch_size: int = 8  # sequences per forward/backward; changes speed and memory, never the loss
+    micro_batch_tokens: Optional[int] = None  # and at most this many tokens (padded, or packed) per micro-batch
+    sequence_packing: bool = False  # a micro-batch's sequences in one row without padding (never the loss)
+    logprob_chunk_size: int = 128  # positions per output-projection chunk in the log-probs / JSD
 
 
 @dataclass
@@ -257,6 +261,8 @@ def _check(cfg: Config) -> None:
          "must be >= 2 (the leave-one-out baseline needs another rollout)")
     need(g.max_num_steps >= 0, "grpo.max_num_steps", "must be >= 0")
     need(g.micro_batch_size >= 1, "grpo.micro_batch_size", "must be >= 1")
+    need(g.micro_batch_tokens is None or g.micro_batch_tokens >= 1, "grpo.micro_batch_tokens", "must be >= 1 or null")
+    need(g.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be >= 1")
     need(0 <= g.ratio_clip_min < 1, "grpo.ratio_clip_min", "must be in [0, 1)")
     need(g.ratio_clip_max >= 0, "grpo.ratio_clip_max", "must be >= 0")
     need(g.token_level_loss, "grpo.token_level_loss", "only the paper's token-level loss is implemented")

@@ -222,8 +222,12 @@ class Trainer:
         self.model_name = resolve_model(cfg.model, model_cache)
         self.tok = load_tokenizer(self.model_name)
         self.pad_id = self.tok.pad_token_id
-        self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True)
+        self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True,
+                                 activation_checkpointing=cfg.model.activation_checkpointing)
         self.amp = lambda: autocast(self.device, cfg.model.dtype)
+        # how the update and the teacher forward split their sequences (speed and memory, never the loss)
+        self.micro_kw = dict(token_budget=cfg.grpo.micro_batch_tokens, pack=cfg.grpo.sequence_packing,
+                             chunk=cfg.grpo.logprob_chunk_size)
         self.policy.train()
         self.hdpo_on = cfg.hdpo.method == "hdpo" and cfg.hdpo.distill_weight > 0
         # The frozen teacher is the step-0 network, kept apart (re-loaded from the source on resume).
@@ -309,7 +313,7 @@ class Trainer:
                 teacher.eval()
                 with self.amp():
                     tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
-                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size)
+                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size, **self.micro_kw)
                 teacher.train(was)
                 distill = [DistillItem(plain_ids[ci], r.response_ids, v, i) for (ci, r), (v, i) in zip(keep, tk)]
             times["teacher"], t = time.time() - t, time.time()
@@ -329,7 +333,7 @@ class Trainer:
         parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
                                      cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
-                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp)
+                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp, **self.micro_kw)
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
         loss = loss_grpo + h.distill_weight * loss_jsd

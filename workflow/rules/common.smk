@@ -101,7 +101,8 @@ def resource(rule_name: str, key: str) -> int:
 # workflow/README.md for forcing a rerun).
 _RAW = json.loads(json.dumps(config))  # the config file's content, plain types
 # Keys that change speed or memory, not results: editing them (e.g. after an out-of-memory) reruns nothing.
-RUNTIME_ONLY = {"grpo.micro_batch_size", "generation.batch_size", "generation.gpu_memory_utilization",
+RUNTIME_ONLY = {"grpo.micro_batch_size", "grpo.micro_batch_tokens", "grpo.sequence_packing", "grpo.logprob_chunk_size",
+                "model.activation_checkpointing", "generation.batch_size", "generation.gpu_memory_utilization",
                 "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir"}
 
 
