@@ -158,6 +158,8 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
     parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0}
     for mb in plan_micro_batches([len(c[0]) + len(c[1]) for c in grpo], micro, token_budget, pack):
         chunk_items = [grpo[i] for i in mb]
+        if not any(c[1] for c in chunk_items):
+            continue  # only empty responses (over-long prompts): nothing to score
         with amp():  # the forward in mixed precision; the loss math below in float32
             hidden, ids = response_hidden(model, [c[0] for c in chunk_items], [c[1] for c in chunk_items], pad_id,
                                           pack)
@@ -183,6 +185,8 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
     for mb in plan_micro_batches([len(d.prompt_ids) + len(d.response_ids) for d in distill], micro, token_budget,
                                  pack):
         chunk_items = [distill[i] for i in mb]
+        if not any(c.response_ids for c in chunk_items):
+            continue
         t_vals = torch.cat([c.topk_logits for c in chunk_items]).to(device)
         t_ids = torch.cat([c.topk_ids for c in chunk_items]).to(device)
         with amp():
