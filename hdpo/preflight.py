@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from hdpo.config import Config, from_dict
+from hdpo.config import Config, from_dict, parse_method
 
 log = logging.getLogger(__name__)
 GIB = 2 ** 30
@@ -356,11 +356,15 @@ def preflight(cfg: Config, work_dir: Path, tiny: Optional[bool] = None, resume_c
     params = sum(p.numel() for p in model.parameters())
     verdict["model"] = {"shape": source, "parameters": params, "vocab": shape.vocab_size,
                         "layers": shape.num_hidden_layers, "hidden": shape.hidden_size}
-    # the transformers backend keeps a bf16 copy for sampling beside the trainer: it counts
+    # what else the trainer holds on the GPU counts too: the transformers backend's bf16 sampling copy, and a
+    # frozen teacher (in the config's dtype) when any configured method uses one
     from hdpo.generation import generation_copy
 
-    keep = generation_copy(model, cfg.model.dtype) if cfg.generation.backend == "transformers" else None
+    frozen = any(parse_method(m).get("hdpo.teacher") == "frozen" for m in cfg.experiment.methods)
+    keep = [generation_copy(model, cfg.model.dtype) for on in (cfg.generation.backend == "transformers", frozen)
+            if on]
     upd = measure_update(model, cfg, device, budget, tiny)
+    upd["also_resident"] = {"generation_copy": cfg.generation.backend == "transformers", "frozen_teacher": frozen}
     opt = upd.pop("optimizer")
     limit = total * (1.0 - reserve) if total is not None else None
     upd["limit_gib"] = limit / GIB if limit else None
