@@ -301,6 +301,8 @@ class Trainer:
             priv_prompts = [self._prompt(p, h.privileged_info) for p in cliff_problems]
             with self.amp():
                 priv = self.priv_generator.generate(priv_prompts, M, self.sampling)
+            # generation and math-verify apart: LaTeX-heavy privileged answers can make scoring the slow part
+            times["privileged"], t = time.time() - t, time.time()
             pflat = [r for g in priv for r in g]
             prew = self.scorer.score([r.text for r in pflat], [p.answer for p in cliff_problems for _ in range(M)])
             generated = len(pflat)
@@ -308,7 +310,7 @@ class Trainer:
             keep = [(ci, r) for ci, g in enumerate(priv) for r in g]
             keep = [(ci, r) for (ci, r), rw in zip(keep, prew) if rw >= h.teacher_min_reward]
             kept = len(keep)
-            times["privileged"], t = time.time() - t, time.time()
+            times["privileged_reward"], t = time.time() - t, time.time()
             if keep:
                 plain_ids = {ci: self.tok(self._prompt(cliff_problems[ci]), add_special_tokens=False).input_ids
                              for ci, _ in keep}
@@ -368,6 +370,7 @@ class Trainer:
             "privileged/generated": int(gen_all), "privileged/kept": int(kept_all),
             "teacher_pass_rate": kept_all / gen_all if gen_all else None,
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
+            "tokens/privileged": int(gen_tokens - n_grpo),  # the privileged phase's share (per-phase speed)
             "reward/parse_failures": int(pf), "reward/timeouts": int(to),
             "lr": lr, "grad_norm": float(grad_norm),
             # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)
@@ -507,7 +510,7 @@ class Trainer:
 
 
 def _mean_times(times: dict) -> dict:
-    names = ["rollout", "reward", "privileged", "teacher", "update", "step"]
+    names = ["rollout", "reward", "privileged", "privileged_reward", "teacher", "update", "step"]
     means = dist.sum_all([times.get(n, 0.0) for n in names])
     return {f"time/{n}": round(v / dist.world(), 3) for n, v in zip(names, means)}
 

@@ -70,11 +70,48 @@ def step_ratios(runs: Path) -> None:
             continue
         keys = [k for k in train[0] if k.startswith("time/")]
         per_method[metrics.parent.name] = {k: statistics.mean(r[k] for r in train) for k in keys}
+        # seconds per 1k generated tokens, per phase (all ranks' tokens over the mean rank's time: compare runs
+        # of the same world size); the privileged phase's time includes scoring its rollouts
+        phases = {"rollout": sum(r["tokens/grpo"] for r in train),
+                  "privileged": sum(r.get("tokens/privileged", 0) for r in train)}
+        per_1k = {p: 1000 * sum(r.get(f"time/{p}", 0.0) for r in train) / n for p, n in phases.items() if n}
+        if per_1k:
+            print(f"{metrics.parent.name}: s per 1k generated tokens: "
+                  + ", ".join(f"{p} {v:.3f}" for p, v in per_1k.items())
+                  + (f" (privileged/rollout {per_1k['privileged'] / per_1k['rollout']:.2f}x)"
+                     if len(per_1k) == 2 else ""))
+            ratio_tokens = sum(r["tokens/generated"] for r in train) / phases["rollout"]
+            per_method[metrics.parent.name]["tokens_vs_rollout"] = ratio_tokens
     base = next((v for k, v in per_method.items() if k.startswith("grpo")), None)
     for name, times in per_method.items():
+        tok = times.pop("tokens_vs_rollout", None)
+        if tok is not None and base:
+            print(f"{name}: generated tokens / its rollout tokens {tok:.2f}x")
         line = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in times.items())
         ratio = f"  step vs GRPO: {times['time/step'] / base['time/step']:.2f}x" if base else ""
         print(f"{name}: {line}{ratio}")
+
+
+def generation_phases(hidden: int = 256, layers: int = 4, vocab: int = 8192, new: int = 64) -> dict:
+    """Seconds per 1k generated tokens of a plain and a privileged phase, random weights (item 7's profile):
+    plain = 32 sequences of 64-token prompts; privileged = fewer sequences (a few cliffs x M) with prompts 4x
+    longer (the solution in context), in one batch each, as the transformers backend runs them."""
+    from hdpo.generation import Sampling, TransformersGenerator
+    from hdpo.preflight import IdTokenizer
+
+    model = _small_model(vocab, hidden, layers, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator().manual_seed(0)
+    gen = TransformersGenerator(model, IdTokenizer(vocab), 64, 64 * 4 + new)
+    out = {}
+    for name, seqs, plen in (("plain", 32, 64), ("privileged", 32, 256), ("privileged_few", 8, 256)):
+        prompts = [torch.randint(0, vocab - 1, (plen,), generator=g).tolist() for _ in range(seqs)]
+        t = time.perf_counter()
+        rollouts = gen.generate_ids(prompts, Sampling(max_new_tokens=new))
+        sec = time.perf_counter() - t
+        tokens = sum(len(r.response_ids) for r in rollouts)
+        out[name] = 1000 * sec / tokens
+        print(f"generation {name:15s} {seqs:3d} x {plen}-token prompts: {out[name]:.3f} s per 1k tokens")
+    return out
 
 
 # --- baseline: today's (pre-chunking) full-logits path, copied so the ratio survives later changes ---------
@@ -228,10 +265,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=None)
     ap.add_argument("--memory", action="store_true", help="peak-memory ratios, chunked vs today's path")
+    ap.add_argument("--phases", action="store_true", help="s per 1k generated tokens, plain vs privileged phase")
     ap.add_argument("--json", type=Path, default=None, help="also write the memory report here")
     args = ap.parse_args()
     if args.runs:
         step_ratios(args.runs)
+    elif args.phases:
+        generation_phases()
     elif args.memory:
         rep = memory_ratios()
         if args.json:
