@@ -50,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="summary JSON path (samples go beside it)")
     p.add_argument("--method", default=None, help="the run's method (its record's settings apply)")
 
+    p = sub.add_parser("preflight", help="check this node before a long run: kill/resume, memory, speed, verdict")
+    _common(p)
+    p.add_argument("--out", default="results/preflight/verdict.json", help="the verdict as JSON")
+    p.add_argument("--work-dir", default=None, help="scratch space, also for the timed checkpoint "
+                                                    "(default: beside --out)")
+    p.add_argument("--tiny", action="store_true", help="tiny shape also on a GPU (automatic without CUDA)")
+    p.add_argument("--skip-resume", action="store_true", help="leave out the kill/resume run")
+    p.add_argument("--skip-checkpoint", action="store_true", help="leave out the timed checkpoint write")
+    p.add_argument("--gen-baseline", action="store_true",
+                   help="also measure generation from the float32 master under autocast")
+    p.add_argument("--gen-batch", type=int, default=None, help="generation batch (default 256; tiny 8)")
+    p.add_argument("--gen-new", type=int, default=None, help="new tokens per sequence (default 256; tiny 16)")
+
     p = sub.add_parser("report", help="tables or figures from aggregated results")
     p.add_argument("what", choices=["tables", "figures"])
     _common(p)
@@ -153,6 +166,22 @@ def _run(args, cfg: Config) -> None:
         if not Path(args.model).is_dir():
             raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
         evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out)
+    elif args.command == "preflight":
+        import json
+
+        from hdpo.preflight import preflight, table
+
+        out = Path(args.out)
+        verdict = preflight(cfg, Path(args.work_dir) if args.work_dir else out.parent / "work",
+                            tiny=True if args.tiny else None, resume_check=not args.skip_resume,
+                            checkpoint_check=not args.skip_checkpoint, gen_batch=args.gen_batch,
+                            gen_new=args.gen_new, gen_baseline=args.gen_baseline)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(verdict, indent=2, default=str))
+        print(table(verdict))
+        log.info("wrote %s", out)
+        if not verdict["fits"]:
+            raise SystemExit(1)
     elif args.command == "report":
         from hdpo import report
 

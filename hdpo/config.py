@@ -85,6 +85,8 @@ class ModelConfig:
     gguf_file: Optional[str] = key(None, "the GGUF file inside that package (or an absolute path)")
     dtype: Literal["bfloat16", "float32", "float16"] = key("bfloat16", "weights' dtype on GPU", paper=True)
     max_total_sequence_length: int = key(4096, "prompt + response tokens", paper=True)
+    activation_checkpointing: bool = key(False, "recompute each layer's activations in the backward (memory "
+                                         "for time; never the loss)", runtime=True)
 
 
 @dataclass
@@ -117,6 +119,12 @@ class GRPOConfig:
     token_level_loss: bool = key(True, "average the loss over all response tokens of the batch", paper=True)
     reference_policy_kl_penalty: float = key(0.0, "reference-KL beta (0: no KL term)", paper=True)
     micro_batch_size: int = key(8, "sequences per forward/backward; changes speed and memory, never the loss", runtime=True)
+    micro_batch_tokens: Optional[int] = key(None, "and at most this many tokens (padded, or packed) per "
+                                            "micro-batch (null: no token cap)", runtime=True)
+    sequence_packing: bool = key(False, "a micro-batch's sequences in one row without padding, position ids "
+                                        "restarting per sequence (never the loss)", runtime=True)
+    logprob_chunk_size: int = key(128, "positions per output-projection chunk in the log-probs / JSD (memory "
+                                       "only)", runtime=True)
 
 
 @dataclass
@@ -356,6 +364,8 @@ def _check(cfg: Config) -> None:
          "must be >= 2 (the leave-one-out baseline needs another rollout)")
     need(g.max_num_steps >= 0, "grpo.max_num_steps", "must be >= 0")
     need(g.micro_batch_size >= 1, "grpo.micro_batch_size", "must be >= 1")
+    need(g.micro_batch_tokens is None or g.micro_batch_tokens >= 1, "grpo.micro_batch_tokens", "must be >= 1 or null")
+    need(g.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be >= 1")
     need(0 <= g.ratio_clip_min < 1, "grpo.ratio_clip_min", "must be in [0, 1)")
     need(g.ratio_clip_max >= 0, "grpo.ratio_clip_max", "must be >= 0")
     need(g.token_level_loss, "grpo.token_level_loss", "only the paper's token-level loss is implemented")

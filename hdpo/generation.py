@@ -2,8 +2,8 @@
 
 The trainer only sees `Generator.generate(prompts, n, sampling) -> rollouts per prompt` and
 `Generator.update_weights(model)` after each optimizer step. The transformers backend samples from the live
-policy module itself (so its weights are always current); a vLLM backend keeps its own copy of the weights
-and must reload them in `update_weights`.
+policy module on CPU (so its weights are always current), and on GPU from a bf16 copy that `update_weights`
+refreshes; a vLLM backend keeps its own copy of the weights and must reload them in `update_weights`.
 
 What is sampled (both backends): exactly softmax(logits / temperature), cut to the top-p nucleus when
 top_p < 1, and nothing else: no repetition penalty, top-k, n-gram ban or any other setting a checkpoint's
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,66 +131,120 @@ class _Sampler(LogitsProcessor):
 
 
 class TransformersGenerator(Generator):
-    """Batched `model.generate` with left padding, stopping at EOS; sampling by `_Sampler`."""
+    """Batched `model.generate` with left padding, stopping at EOS; sampling by `_Sampler`.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_total_length: int):
-        self.model, self.tok = model, tokenizer
+    Speed on GPU: when the policy keeps float32 master weights and the config's dtype is bf16/fp16, sampling
+    runs on a copy of the policy in that dtype (no autocast casts per decoding step; 2.5x the tokens/s of the
+    float32 module under autocast at batch 256), refreshed by `update_weights` after every optimizer step.
+    Prompts are sorted by length before they are cut into batches, so a long (privileged) prompt pads and
+    limits only prompts of similar length; each sample keeps its own seed, so the order changes no draw. A
+    prompt that leaves no room under `max_total_length` gets an empty, unfinished rollout and a warning (as
+    the vLLM backend does), never the run killed.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_total_length: int,
+                 dtype: Optional[str] = None):
+        self.tok = tokenizer
         self.batch_size, self.max_total_length = batch_size, max_total_length
+        self.model = generation_copy(model, dtype)
         self.eos_ids = _eos_ids(model, tokenizer)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        if self.model is model:
+            return  # sampling from the live module: always current
+        with torch.no_grad():
+            mine = dict(self.model.named_parameters())
+            for name, p in model.named_parameters():
+                mine[name].copy_(p)  # cast into the copy's dtype in place
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[list[Rollout]]:
-        flat = [p for p in prompts for _ in range(n)]  # n samples of a prompt sit together
+        ids = self.tok(prompts, add_special_tokens=False).input_ids
         flat_seeds = sample_seeds(seeds, len(prompts), n)
-        out: list[Rollout] = []
+        out = self.generate_ids([p for p in ids for _ in range(n)], sampling, flat_seeds)  # a prompt's n together
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: Sampling,
+                     seeds: Optional[list[int]] = None) -> list[Rollout]:
+        """One rollout per prompt (token ids), in the order given; `seeds`: one per rollout (None: from torch)."""
+        seeds = sample_seeds(seeds, len(prompt_ids), 1) if seeds is None else seeds
+        out: list[Optional[Rollout]] = [None] * len(prompt_ids)
+        todo = []
+        for i, p in enumerate(prompt_ids):
+            if len(p) >= self.max_total_length:
+                log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
+                            "its rollout is empty", len(p), self.max_total_length)
+                out[i] = Rollout(list(p), [], [], "", False)
+            else:
+                todo.append(i)
+        todo.sort(key=lambda i: -len(prompt_ids[i]))  # length buckets; stable, so a group's samples stay together
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(flat), self.batch_size):
-                out.extend(self._generate_batch(flat[start:start + self.batch_size],
-                                                flat_seeds[start:start + self.batch_size], sampling))
+            for start in range(0, len(todo), self.batch_size):
+                batch = todo[start:start + self.batch_size]
+                done = self._generate_batch([prompt_ids[i] for i in batch], [seeds[i] for i in batch], sampling)
+                for i, r in zip(batch, done):
+                    out[i] = r
         finally:
             self.model.train(was_training)
-        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return out
 
-    def _generate_batch(self, prompts: list[str], seeds: list[int], s: Sampling) -> list[Rollout]:
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], s: Sampling) -> list[Rollout]:
         device = next(self.model.parameters()).device
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        width = enc.input_ids.shape[1]
-        lengths = enc.attention_mask.sum(-1).tolist()
-        limits = []
-        for length in lengths:
-            room = min(s.max_new_tokens, self.max_total_length - length)
-            if room < 1:  # a run must not die on one over-long (e.g. privileged) prompt: answer it briefly
-                log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
-                            "generating 1 token for it", length, self.max_total_length)
-                room = 1
-            limits.append(room)
+        width = max(map(len, prompts))
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_ids[0]
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: generation appends on the right
+            input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention[i, width - len(p):] = 1
+        limits = [min(s.max_new_tokens, self.max_total_length - len(p)) for p in prompts]  # >= 1: see generate_ids
         # Nothing inherited: transformers fills every field `generate` is not given from the model's own
         # generation config (a checkpoint's repetition_penalty, top_k, no_repeat_ngram_size, ...), so the
         # model's config is swapped for a bare one while generating, and `_Sampler` is the only processor.
         bare = HFGenerationConfig(do_sample=False, max_new_tokens=max(limits), eos_token_id=self.eos_ids,
-                                  pad_token_id=self.tok.pad_token_id)
+                                  pad_token_id=pad)
         sampler = _Sampler(s, seeds, width, limits, self.eos_ids[0], device)
         own = self.model.generation_config
-        self.model.generation_config = HFGenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.tok.pad_token_id)
+        self.model.generation_config = HFGenerationConfig(eos_token_id=self.eos_ids, pad_token_id=pad)
         try:
-            seqs = self.model.generate(**enc, generation_config=bare, logits_processor=LogitsProcessorList([sampler]))
+            seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                       generation_config=bare, logits_processor=LogitsProcessorList([sampler]))
         finally:
             self.model.generation_config = own
         logprobs = sampler.logprobs(len(prompts)).cpu()
         responses = seqs[:, width:].cpu()
         rollouts = []
-        for i in range(len(prompts)):
-            prompt_ids = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
+        for i, p in enumerate(prompts):
             ids = responses[i, :limits[i]].tolist()
             end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
             finished = end is not None
             ids = ids[:end + 1] if finished else ids
-            rollouts.append(Rollout(prompt_ids, ids, logprobs[i, :len(ids)].tolist(),
+            rollouts.append(Rollout(list(p), ids, logprobs[i, :len(ids)].tolist(),
                                     self.tok.decode(ids, skip_special_tokens=True), finished))
         return rollouts
+
+
+def generation_copy(model: torch.nn.Module, dtype: Optional[str], devices: tuple[str, ...] = ("cuda",)
+                    ) -> torch.nn.Module:
+    """A frozen copy of `model` in `dtype` when `model` holds float32 weights on one of `devices` (CPU bf16
+    matmuls are slow, so CPU samples from the float32 module); else `model` itself."""
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "")
+    param = next(model.parameters())
+    if half is None or param.device.type not in devices or param.dtype != torch.float32:
+        return model
+    grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None  # not copied along
+    try:
+        copy = deepcopy(model)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+    return copy.to(half).requires_grad_(False).eval()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -203,7 +258,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_length: int,
                    gpu_memory_utilization: float = 0.5, dtype: Optional[str] = None) -> Generator:
     if backend == "transformers":
-        return TransformersGenerator(model, tokenizer, batch_size, max_total_length)
+        return TransformersGenerator(model, tokenizer, batch_size, max_total_length, dtype)
     if backend == "vllm":
         from hdpo.generation_vllm import VLLMGenerator, configure_vllm_env
 

@@ -397,14 +397,20 @@ class VLLMGenerator(Generator):
 
     def _run(self, prompt_ids: list[list[int]], s: Sampling, seeds: Optional[list[int]] = None) -> list[Rollout]:
         seeds = [None] * len(prompt_ids) if s.greedy or seeds is None else seeds
-        params = []
-        for ids, seed in zip(prompt_ids, seeds):
+        out: list[Optional[Rollout]] = [None] * len(prompt_ids)
+        todo, params = [], []
+        for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
             max_new = min(s.max_new_tokens, self.max_total_length - len(ids))
-            if max_new < 1:
-                raise ValueError(f"a prompt of {len(ids)} tokens leaves no room under "
-                                 f"model.max_total_sequence_length={self.max_total_length}")
+            if max_new < 1:  # as the transformers backend: an empty rollout and a warning, never a dead run
+                log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
+                            "its rollout is empty", len(ids), self.max_total_length)
+                out[i] = Rollout(list(ids), [], [], "", False)
+                continue
+            todo.append(i)
             params.append(self.engine.make_params(**sampling_kwargs(s, max_new, self.eos_ids, seed)))
-        if not prompt_ids:
-            return []
-        outs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        return [completion_to_rollout(ids, o.outputs[0], self.eos_ids, self.tok) for ids, o in zip(prompt_ids, outs)]
+        if todo:
+            outs = self.engine.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in todo], params,
+                                            use_tqdm=False)
+            for i, o in zip(todo, outs):
+                out[i] = completion_to_rollout(prompt_ids[i], o.outputs[0], self.eos_ids, self.tok)
+        return out

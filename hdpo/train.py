@@ -37,7 +37,9 @@ from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
 from hdpo.generation import Sampling, make_generator
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json
-from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages, token_logprobs, topk_jsd
+from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
+                           plan_micro_batches, response_hidden)
+from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages
 from hdpo.models import autocast, default_device, load_model, load_tokenizer, resolve_model
 from hdpo.reward import RewardScorer, RewardStats
 
@@ -118,15 +120,22 @@ class DistillItem:
 
 @torch.no_grad()
 def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[int]], k: int, pad_id: int,
-                 micro: int, temperature: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The teacher's top-k logits / temperature (its distribution at the sampling temperature) and ids."""
-    out = []
-    for s in range(0, len(responses), micro):
-        logits, _, _ = response_logits(teacher, priv_prompts[s:s + micro], responses[s:s + micro], pad_id)
-        logits = logits.float() / temperature
-        vals, ids = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
-        for j, r in enumerate(responses[s:s + micro]):
-            out.append((vals[j, :len(r)].cpu(), ids[j, :len(r)].cpu()))
+                 micro: int, token_budget: Optional[int] = None, pack: bool = False, temperature: float = 1.0,
+                 chunk: int = DEFAULT_CHUNK) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher's top-k of logits / temperature at each response token, per rollout ([T, k] values, ids),
+    from its final hidden states in chunks of positions (no [tokens, vocab] tensor for the micro-batch)."""
+    weight, bias = output_projection(teacher)
+    out: list = [None] * len(responses)
+    lengths = [len(p) + len(r) for p, r in zip(priv_prompts, responses)]
+    for mb in plan_micro_batches(lengths, micro, token_budget, pack):
+        hidden, _ = response_hidden(teacher, [priv_prompts[i] for i in mb], [responses[i] for i in mb], pad_id, pack)
+        vals, ids = chunked_topk(hidden, weight, bias, k, temperature, chunk)
+        vals, ids = vals.cpu(), ids.cpu()
+        start = 0
+        for i in mb:
+            n = len(responses[i])
+            out[i] = (vals[start:start + n], ids[start:start + n])
+            start += n
     return out
 
 
@@ -134,52 +143,58 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
                          n_grpo: float, n_distill: float, distill_weight: float, micro: int, pad_id: int,
                          clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None,
                          sampler_logprobs: Optional[list[list[float]]] = None, amp=contextlib.nullcontext,
-                         temperature: float = 1.0) -> dict:
+                         token_budget: Optional[int] = None, pack: bool = False, temperature: float = 1.0,
+                         chunk: int = DEFAULT_CHUNK) -> dict:
     """Backward of L_GRPO/N_grpo + lambda L_JSD/N_distill for this rank's share, micro-batch by micro-batch.
 
     `grpo` holds (prompt ids, response ids, advantage) of the rollouts with a non-zero advantage (the others
     contribute exactly zero loss and gradient, but their tokens count in the global `n_grpo`).
     `old_logprobs`: pi_old per token; None means on-policy (pi_old = the current weights, detached).
     `sampler_logprobs`: the generator's log-probs of the same tokens, to measure engine/trainer mismatch.
-    `temperature`: the rollouts' sampling temperature; every log-prob here is of softmax(logits / T), the
-    distribution the rollouts were drawn from (as TRL and verl do).
-    Returns this rank's loss parts (already divided by the global counts) and the mismatch sums, for logging.
+    Micro-batches: at most `micro` sequences and `token_budget` tokens each, sorted by length, optionally
+    packed (`hdpo.logprobs.plan_micro_batches`); log-probs come from the hidden states `chunk` positions at a
+    time. Returns this rank's loss parts (already divided by the global counts) and the mismatch sums.
     """
     device = next(model.parameters()).device
+    weight, bias = output_projection(model)
     parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0}
-    for s in range(0, len(grpo), micro):
-        chunk = grpo[s:s + micro]
+    for mb in plan_micro_batches([len(c[0]) + len(c[1]) for c in grpo], micro, token_budget, pack):
+        chunk_items = [grpo[i] for i in mb]
+        if not any(c[1] for c in chunk_items):
+            continue  # only empty responses (over-long prompts): nothing to score
         with amp():  # the forward in mixed precision; the loss math below in float32
-            logits, mask, ids = response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], pad_id)
-        lp = token_logprobs(logits.float() / temperature, ids.unsqueeze(-1)).squeeze(-1)
+            hidden, ids = response_hidden(model, [c[0] for c in chunk_items], [c[1] for c in chunk_items], pad_id,
+                                          pack)
+            lp = chunked_token_logprobs(hidden, weight, bias, ids[:, None], temperature, chunk).squeeze(-1)
         if old_logprobs is None:
             old = lp.detach()
         else:
-            old = torch.zeros_like(lp)
-            for j, o in enumerate(old_logprobs[s:s + micro]):
-                old[j, :len(o)] = torch.tensor(o, dtype=old.dtype)
+            old = torch.tensor([x for i in mb for x in old_logprobs[i]], dtype=lp.dtype, device=device)
         if sampler_logprobs is not None:
             with torch.no_grad():
-                for j, g in enumerate(sampler_logprobs[s:s + micro]):
-                    diff = (lp[j, :len(g)].float() - torch.tensor(g, device=device)).abs()
-                    parts["mismatch_sum"] += diff.sum().item()
+                start = 0
+                for i in mb:
+                    g = torch.tensor(sampler_logprobs[i], dtype=lp.dtype, device=device)
+                    parts["mismatch_sum"] += (lp[start:start + len(g)] - g).abs().sum().item()
                     parts["mismatch_tokens"] += len(g)
-        adv = torch.tensor([c[2] for c in chunk], device=device)
-        loss = grpo_token_loss_sum(lp, old, adv, mask, clip_low, clip_high) / n_grpo
+                    start += len(grpo[i][1])
+        # one advantage per token (the flat layout has no padding, so the mask is all ones)
+        adv = torch.tensor([c[2] for c in chunk_items for _ in c[1]], device=device)
+        loss = grpo_token_loss_sum(lp[:, None], old[:, None], adv, torch.ones_like(lp)[:, None], clip_low,
+                                   clip_high) / n_grpo
         loss.backward()
         parts["grpo"] += loss.item()
-    for s in range(0, len(distill), micro):
-        chunk = distill[s:s + micro]
+    for mb in plan_micro_batches([len(d.prompt_ids) + len(d.response_ids) for d in distill], micro, token_budget,
+                                 pack):
+        chunk_items = [distill[i] for i in mb]
+        if not any(c.response_ids for c in chunk_items):
+            continue
+        t_vals = torch.cat([c.topk_logits for c in chunk_items]).to(device)
+        t_ids = torch.cat([c.topk_ids for c in chunk_items]).to(device)
         with amp():
-            logits, mask, _ = response_logits(model, [c.prompt_ids for c in chunk], [c.response_ids for c in chunk],
-                                              pad_id)
-        T, k = logits.shape[1], chunk[0].topk_ids.shape[-1]
-        t_vals = torch.zeros(len(chunk), T, k)
-        t_ids = torch.zeros(len(chunk), T, k, dtype=torch.long)
-        for j, c in enumerate(chunk):
-            t_vals[j, :len(c.response_ids)], t_ids[j, :len(c.response_ids)] = c.topk_logits, c.topk_ids
-        student = token_logprobs(logits.float() / temperature, t_ids.to(device))
-        jsd = (topk_jsd(t_vals.to(device), student) * mask).sum() / n_distill
+            hidden, _ = response_hidden(model, [c.prompt_ids for c in chunk_items],
+                                        [c.response_ids for c in chunk_items], pad_id, pack)
+            jsd = chunked_topk_jsd(hidden, weight, bias, t_ids, t_vals, temperature, chunk).sum() / n_distill
         (distill_weight * jsd).backward()
         parts["jsd"] += jsd.item()
     return parts
@@ -213,8 +228,12 @@ class Trainer:
         self.model_name = resolve_model(cfg.model, model_cache)
         self.tok = load_tokenizer(self.model_name)
         self.pad_id = self.tok.pad_token_id
-        self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True)
+        self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True,
+                                 activation_checkpointing=cfg.model.activation_checkpointing)
         self.amp = lambda: autocast(self.device, cfg.model.dtype)
+        # how the update and the teacher forward split their sequences (speed and memory, never the loss)
+        self.micro_kw = dict(token_budget=cfg.grpo.micro_batch_tokens, pack=cfg.grpo.sequence_packing,
+                             chunk=cfg.grpo.logprob_chunk_size)
         self.policy.train()
         self.hdpo_on = cfg.hdpo.distill_weight > 0  # lambda = 0 is GRPO
         # The frozen teacher is the step-0 network, kept apart (re-loaded from the source on resume).
@@ -288,6 +307,8 @@ class Trainer:
             priv_prompts = [self._prompt(p, h.privileged_info) for p in cliff_problems]
             with self.amp():
                 priv = self.priv_generator.generate(priv_prompts, M, self.sampling)
+            # generation and math-verify apart: LaTeX-heavy privileged answers can make scoring the slow part
+            times["privileged"], t = time.time() - t, time.time()
             pflat = [r for g in priv for r in g]
             prew = self.scorer.score([r.text for r in pflat], [p.answer for p in cliff_problems for _ in range(M)])
             generated = len(pflat)
@@ -295,7 +316,7 @@ class Trainer:
             keep = [(ci, r) for ci, g in enumerate(priv) for r in g]
             keep = [(ci, r) for (ci, r), rw in zip(keep, prew) if rw >= h.teacher_min_reward]
             kept = len(keep)
-            times["privileged"], t = time.time() - t, time.time()
+            times["privileged_reward"], t = time.time() - t, time.time()
             if keep:
                 plain_ids = {ci: self.tok(self._prompt(cliff_problems[ci]), add_special_tokens=False).input_ids
                              for ci, _ in keep}
@@ -304,7 +325,7 @@ class Trainer:
                 teacher.eval()
                 with self.amp():
                     tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
-                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size,
+                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size, **self.micro_kw,
                                       temperature=self.sampling.temperature)
                 teacher.train(was)
                 distill = [DistillItem(plain_ids[ci], r.response_ids, v, i) for (ci, r), (v, i) in zip(keep, tk)]
@@ -325,7 +346,7 @@ class Trainer:
         parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
                                      cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
-                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp,
+                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp, **self.micro_kw,
                                      temperature=self.sampling.temperature)
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
@@ -367,6 +388,7 @@ class Trainer:
             "privileged/generated": int(gen_all), "privileged/kept": int(kept_all),
             "teacher_pass_rate": kept_all / gen_all if gen_all else None,
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
+            "tokens/privileged": int(gen_tokens - n_grpo),  # the privileged phase's share (per-phase speed)
             "reward/parse_failures": int(pf), "reward/timeouts": int(to),
             "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "nonfinite_skipped": int(skipped),
@@ -565,7 +587,7 @@ def _totals(rows: list[dict]) -> dict:
 
 
 def _mean_times(times: dict) -> dict:
-    names = ["rollout", "reward", "privileged", "teacher", "update", "step"]
+    names = ["rollout", "reward", "privileged", "privileged_reward", "teacher", "update", "step"]
     means = dist.sum_all([times.get(n, 0.0) for n in names])
     return {f"time/{n}": round(v / dist.world(), 3) for n, v in zip(names, means)}
 

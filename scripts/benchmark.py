@@ -1,19 +1,30 @@
-"""Timing ratios, printed (never asserted in tests).
+"""Timing and memory ratios, printed (never asserted in tests).
 
   python scripts/benchmark.py                       # top-k JSD vs full-vocabulary JSD on random logits
+  python scripts/benchmark.py --memory              # peak memory of the log-prob + JSD path and of one update
+                                                    # micro-batch at vocab 151936: chunked vs today's (baseline)
   python scripts/benchmark.py --runs results/runs   # HDPO vs GRPO seconds per step, per phase, from metrics.jsonl
+
+Memory: each case runs once in a fresh subprocess (CPU: growth of the peak RSS; CUDA: peak allocated), the
+baseline being a copy of the full-logits code this package used before the chunked path (kept below), so the
+ratios compare the two in the same run on the same machine.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from hdpo.losses import token_logprobs, topk_jsd
+from hdpo.losses import grpo_token_loss_sum, token_logprobs, topk_jsd
 
 
 def full_jsd(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -59,19 +70,212 @@ def step_ratios(runs: Path) -> None:
             continue
         keys = [k for k in train[0] if k.startswith("time/")]
         per_method[metrics.parent.name] = {k: statistics.mean(r[k] for r in train) for k in keys}
+        # seconds per 1k generated tokens, per phase (all ranks' tokens over the mean rank's time: compare runs
+        # of the same world size); the privileged phase's time includes scoring its rollouts
+        phases = {"rollout": sum(r["tokens/grpo"] for r in train),
+                  "privileged": sum(r.get("tokens/privileged", 0) for r in train)}
+        per_1k = {p: 1000 * sum(r.get(f"time/{p}", 0.0) for r in train) / n for p, n in phases.items() if n}
+        if per_1k:
+            print(f"{metrics.parent.name}: s per 1k generated tokens: "
+                  + ", ".join(f"{p} {v:.3f}" for p, v in per_1k.items())
+                  + (f" (privileged/rollout {per_1k['privileged'] / per_1k['rollout']:.2f}x)"
+                     if len(per_1k) == 2 else ""))
+            ratio_tokens = sum(r["tokens/generated"] for r in train) / phases["rollout"]
+            per_method[metrics.parent.name]["tokens_vs_rollout"] = ratio_tokens
     base = next((v for k, v in per_method.items() if k.startswith("grpo")), None)
     for name, times in per_method.items():
+        tok = times.pop("tokens_vs_rollout", None)
+        if tok is not None and base:
+            print(f"{name}: generated tokens / its rollout tokens {tok:.2f}x")
         line = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in times.items())
         ratio = f"  step vs GRPO: {times['time/step'] / base['time/step']:.2f}x" if base else ""
         print(f"{name}: {line}{ratio}")
 
 
+def generation_phases(hidden: int = 256, layers: int = 4, vocab: int = 8192, new: int = 64) -> dict:
+    """Seconds per 1k generated tokens of a plain and a privileged phase, random weights (item 7's profile):
+    plain = 32 sequences of 64-token prompts; privileged = fewer sequences (a few cliffs x M) with prompts 4x
+    longer (the solution in context), in one batch each, as the transformers backend runs them."""
+    from hdpo.generation import Sampling, TransformersGenerator
+    from hdpo.preflight import IdTokenizer
+
+    model = _small_model(vocab, hidden, layers, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator().manual_seed(0)
+    gen = TransformersGenerator(model, IdTokenizer(vocab), 64, 64 * 4 + new)
+    out = {}
+    for name, seqs, plen in (("plain", 32, 64), ("privileged", 32, 256), ("privileged_few", 8, 256)):
+        prompts = [torch.randint(0, vocab - 1, (plen,), generator=g).tolist() for _ in range(seqs)]
+        t = time.perf_counter()
+        rollouts = gen.generate_ids(prompts, Sampling(max_new_tokens=new))
+        sec = time.perf_counter() - t
+        tokens = sum(len(r.response_ids) for r in rollouts)
+        out[name] = 1000 * sec / tokens
+        print(f"generation {name:15s} {seqs:3d} x {plen}-token prompts: {out[name]:.3f} s per 1k tokens")
+    return out
+
+
+# --- baseline: today's (pre-chunking) full-logits path, copied so the ratio survives later changes ---------
+
+def baseline_token_logprobs(logits, ids):
+    logits = logits.float()
+    return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def baseline_response_logits(model, prompts, responses, pad_id):
+    device = next(model.parameters()).device
+    B, W, T = len(prompts), max(map(len, prompts)), max(map(len, responses))
+    ids = torch.full((B, W + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, W + T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, W - len(p):W] = torch.tensor(p)
+        ids[i, W:W + len(r)] = torch.tensor(r)
+        attn[i, W - len(p):W + len(r)] = 1
+    positions = (attn.cumsum(-1) - 1).clamp_min(0)
+    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=T + 1).logits
+    return logits[:, :-1], attn[:, W:].to(logits.dtype), ids[:, W:]
+
+
+def baseline_grpo_microbatch(model, chunk, n_grpo, amp):
+    with amp():
+        logits, mask, ids = baseline_response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], 0)
+    lp = baseline_token_logprobs(logits, ids.unsqueeze(-1)).squeeze(-1)
+    adv = torch.tensor([c[2] for c in chunk], device=lp.device)
+    (grpo_token_loss_sum(lp, lp.detach(), adv, mask, 0.2, 0.2) / n_grpo).backward()
+
+
+def baseline_distill_microbatch(model, chunk, n_distill, amp):
+    with amp():
+        logits, mask, _ = baseline_response_logits(model, [c.prompt_ids for c in chunk],
+                                                   [c.response_ids for c in chunk], 0)
+    T, k = logits.shape[1], chunk[0].topk_ids.shape[-1]
+    t_vals = torch.zeros(len(chunk), T, k, device=logits.device)
+    t_ids = torch.zeros(len(chunk), T, k, dtype=torch.long, device=logits.device)
+    for j, c in enumerate(chunk):
+        t_vals[j, :len(c.response_ids)], t_ids[j, :len(c.response_ids)] = c.topk_logits, c.topk_ids
+    student = baseline_token_logprobs(logits, t_ids)
+    (0.1 * (topk_jsd(t_vals, student) * mask).sum() / n_distill).backward()
+
+
+# --- memory cases, one per subprocess ------------------------------------------------------------------
+
+def _peak_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _reset_peak(device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _peak_bytes(device)
+
+
+def _small_model(vocab, hidden, layers, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).to(device)
+
+
+def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, resp_len: int, k: int) -> dict:
+    """Extra peak memory of one case (bytes above what was allocated when it started)."""
+    from hdpo.logprobs import chunked_token_logprobs, chunked_topk_jsd, output_projection, response_hidden
+    from hdpo.train import DistillItem, accumulate_gradients
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    g = torch.Generator().manual_seed(0)
+    N = seqs * resp_len
+    if case == "path":  # hidden states -> log-probs + JSD -> backward, the model left out
+        H = 1536 if device.type == "cuda" else 64
+        hidden = torch.randn(N, H, generator=g).to(device).requires_grad_()
+        weight = (torch.randn(vocab, H, generator=g) * 0.02).to(device).requires_grad_()
+        ids = torch.randint(0, vocab, (N, 1), generator=g).to(device)
+        t_vals, t_ids = torch.randn(N, k, generator=g).to(device), torch.randint(0, vocab, (N, k), generator=g).to(device)
+        base = _reset_peak(device)
+        with amp():
+            if impl == "baseline":
+                logits = hidden @ weight.T
+                lp = baseline_token_logprobs(logits, ids)
+                jsd = topk_jsd(t_vals, baseline_token_logprobs(logits, t_ids))
+            else:
+                lp = chunked_token_logprobs(hidden, weight, None, ids)
+                jsd = chunked_topk_jsd(hidden, weight, None, t_ids, t_vals)
+        (lp.sum() + jsd.sum()).backward()
+        return {"extra_bytes": _peak_bytes(device) - base}
+    model = _small_model(vocab, 64, 2, device)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(seqs)]
+    responses = [torch.randint(0, vocab, (resp_len,), generator=g).tolist() for _ in range(seqs)]
+    grpo = [(p, r, 1.0 if i % 2 else -1.0) for i, (p, r) in enumerate(zip(prompts, responses))]
+    distill = [DistillItem(p, r, torch.randn(len(r), k, generator=g), torch.randint(0, vocab, (len(r), k), generator=g))
+               for p, r in zip(prompts, responses)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    base = _reset_peak(device)
+    t = time.perf_counter()
+    if impl == "baseline":
+        if case == "grpo":
+            baseline_grpo_microbatch(model, grpo, N, amp)
+        else:
+            baseline_distill_microbatch(model, distill, N, amp)
+    else:
+        accumulate_gradients(model, grpo if case == "grpo" else [], distill if case == "distill" else [], N, N,
+                             0.1, seqs, 0, 0.2, 0.2, amp=amp)
+    return {"extra_bytes": _peak_bytes(device) - base, "seconds": time.perf_counter() - t}
+
+
+def _run_case(case: str, impl: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--case", json.dumps({"case": case, "impl": impl, **kw})]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    if out.returncode:
+        raise RuntimeError(f"{case}/{impl} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_ratios(vocab: int = 151936, seqs: int = 4, prompt_len: int = 64, resp_len: int = 1024, k: int = 64,
+                  path_positions: int = 4096) -> dict:
+    """Today's vs chunked extra peak memory at the real vocabulary; returns and prints the ratios."""
+    gib = 2 ** 30
+    report = {"vocab": vocab, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    cases = [("path", dict(seqs=1, resp_len=path_positions)), ("grpo", {}), ("distill", {})]
+    for case, over in cases:
+        kw = dict(vocab=vocab, seqs=seqs, prompt_len=prompt_len, resp_len=resp_len, k=k) | over
+        old, new = _run_case(case, "baseline", **kw), _run_case(case, "chunked", **kw)
+        ratio = new["extra_bytes"] / max(old["extra_bytes"], 1)
+        report[case] = {"baseline_gib": old["extra_bytes"] / gib, "chunked_gib": new["extra_bytes"] / gib,
+                        "ratio": ratio, "tokens": kw["seqs"] * kw["resp_len"]}
+        what = {"path": "log-probs + JSD + backward", "grpo": "GRPO micro-batch", "distill": "distill micro-batch"}
+        print(f"{what[case]:28s} {kw['seqs']} x {kw['resp_len']} tokens, vocab {vocab}: today "
+              f"{old['extra_bytes'] / gib:6.2f} GiB, chunked {new['extra_bytes'] / gib:6.3f} GiB "
+              f"-> {ratio:.3f}x (1/{1 / max(ratio, 1e-9):.0f})")
+    return report
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--case":  # a subprocess of memory_ratios
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(memory_case(spec.pop("case"), spec.pop("impl"), **spec)))
+        sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=None)
+    ap.add_argument("--memory", action="store_true", help="peak-memory ratios, chunked vs today's path")
+    ap.add_argument("--phases", action="store_true", help="s per 1k generated tokens, plain vs privileged phase")
+    ap.add_argument("--json", type=Path, default=None, help="also write the memory report here")
     args = ap.parse_args()
     if args.runs:
         step_ratios(args.runs)
+    elif args.phases:
+        generation_phases()
+    elif args.memory:
+        rep = memory_ratios()
+        if args.json:
+            args.json.write_text(json.dumps(rep, indent=2))
     else:
         for vocab in (49152, 151936):
             jsd_ratio(tokens=256, vocab=vocab, k=64)

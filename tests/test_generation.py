@@ -18,7 +18,7 @@ import torch
 
 from hdpo.config import SYSTEM_PROMPT
 from hdpo.data import Problem, build_messages, render_prompt
-from hdpo.generation import Rollout, Sampling, TransformersGenerator, make_generator
+from hdpo.generation import Rollout, Sampling, TransformersGenerator, generation_copy, make_generator
 from hdpo.generation_vllm import (SharedEngine, VLLMGenerator, WeightSyncError, build_engine_kwargs,
                                   completion_to_rollout, logprob_mismatch, sampling_kwargs, teacher_forced_logprobs,
                                   verify_engine_weights)
@@ -324,13 +324,25 @@ def test_vllm_frozen_teacher_shares_the_engine(tiny_model_dir, tiny, policy):
     assert pol_gen.syncs == syncs + 1  # already loaded: no reload
 
 
-def test_vllm_prompt_too_long(tiny_model_dir, tiny, policy):
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_over_long_prompt_gets_an_empty_rollout_and_its_batch_mates_keep_their_room(
+        tiny_model_dir, tiny, policy, backend, caplog):
     _, tok = tiny
-    engine, _ = engine_for(tiny_model_dir)
-    gen = VLLMGenerator(policy, tok, 20, engine=engine)
-    gen.probed = True  # the probe prompt + 16 tokens would not fit either
-    with pytest.raises(ValueError, match="max_total_sequence_length=20"):
-        gen.generate(prompts_for(tok)[:1], 1, Sampling(max_new_tokens=4))
+    short = "Hi"
+    long = prompts_for(tok)[0]
+    limit = len(tok(long, add_special_tokens=False).input_ids)  # the long prompt fills the limit exactly
+    room = limit - len(tok(short, add_special_tokens=False).input_ids)
+    if backend == "vllm":
+        engine, llm = engine_for(tiny_model_dir)
+        gen = VLLMGenerator(policy, tok, limit, engine=engine)
+        gen.probed = True  # the probe prompt + 16 tokens would not fit either
+    else:
+        gen = TransformersGenerator(policy, tok, batch_size=8, max_total_length=limit)
+    with caplog.at_level("WARNING"):
+        out = gen.generate([long, short], 2, Sampling(max_new_tokens=min(room, 6), greedy=True))
+    assert "leaves no room under model.max_total_sequence_length" in caplog.text
+    assert all(r.response_ids == [] and not r.finished and r.text == "" for r in out[0])
+    assert all(len(r.response_ids) >= 1 for r in out[1])  # generated as usual beside it
 
 
 def test_sampling_kwargs():
@@ -475,3 +487,38 @@ def test_slurm_profile_dry_run_gives_train_jobs_one_8_gpu_node(tmp_path):
         assert re.search(r"^\s+threads: 32$", block, re.M)
     for _, res in blocks["evaluate"]:
         assert re.search(r"\bgpu=1\b", res), res
+
+
+# --- the transformers backend's speed paths ------------------------------------------------------------------
+
+def test_length_buckets_keep_order_and_results(tiny, policy):
+    """Prompts of mixed lengths, batched after sorting by length: each rollout is the one its prompt gets alone."""
+    _, tok = tiny
+    prompts = ["Hi", prompts_for(tok)[0], "Hello there, how are", prompts_for(tok)[1]]
+    s = Sampling(max_new_tokens=5, greedy=True)
+    together = TransformersGenerator(policy, tok, batch_size=2, max_total_length=512).generate(prompts, 2, s)
+    alone = TransformersGenerator(policy, tok, batch_size=1, max_total_length=512)
+    for p, group in zip(prompts, together):
+        ref = alone.generate([p], 1, s)[0][0]
+        assert [r.prompt_ids for r in group] == [tok(p, add_special_tokens=False).input_ids] * 2
+        assert all(r.response_ids == ref.response_ids for r in group)
+        for r in group:
+            assert r.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+def test_half_precision_generation_copy_is_refreshed_by_update_weights(tiny, policy):
+    _, tok = tiny
+    assert generation_copy(policy, "bfloat16") is policy  # CPU: the float32 module itself
+    assert generation_copy(policy, "float32", devices=("cpu",)) is policy
+    gen = TransformersGenerator(policy, tok, batch_size=4, max_total_length=512)
+    gen.model = generation_copy(policy, "bfloat16", devices=("cpu",))
+    assert gen.model is not policy and next(gen.model.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in policy.parameters())  # the master untouched
+    take_a_step(policy, scale=1e-1)
+    stale = {n: p.clone() for n, p in gen.model.named_parameters()}
+    gen.update_weights(policy)
+    for n, p in gen.model.named_parameters():
+        assert torch.equal(p, dict(policy.named_parameters())[n].detach().to(torch.bfloat16))
+        assert not torch.equal(p, stale[n])
+    out = gen.generate(prompts_for(tok)[:1], 2, Sampling(max_new_tokens=3))
+    assert len(out[0]) == 2 and all(len(r.logprobs) == len(r.response_ids) for r in out[0])

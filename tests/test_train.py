@@ -105,6 +105,58 @@ def test_gradients_invariant_to_micro_batches(tiny_model_dir):
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6)
 
 
+def _accumulate_full_logits(model, grpo, distill, weight=0.5, temperature=1.0):
+    """Today's math on the unsplit padded batch: full [B, T, V] logits, token_logprobs and topk_jsd."""
+    from hdpo.losses import grpo_token_loss_sum, token_logprobs, topk_jsd
+
+    model.zero_grad(set_to_none=True)
+    n_grpo, n_distill = sum(len(r) for _, r, _ in grpo), sum(len(d.response_ids) for d in distill)
+    logits, mask, ids = response_logits(model, [p for p, _, _ in grpo], [r for _, r, _ in grpo], 0)
+    lp = token_logprobs(logits / temperature, ids[..., None]).squeeze(-1)
+    adv = torch.tensor([a for _, _, a in grpo])
+    loss = grpo_token_loss_sum(lp, lp.detach(), adv, mask, 0.2, 0.2) / n_grpo
+    logits, mask, _ = response_logits(model, [d.prompt_ids for d in distill], [d.response_ids for d in distill], 0)
+    T, k = logits.shape[1], distill[0].topk_ids.shape[-1]
+    t_vals, t_ids = torch.zeros(len(distill), T, k), torch.zeros(len(distill), T, k, dtype=torch.long)
+    for j, d in enumerate(distill):
+        t_vals[j, :len(d.response_ids)], t_ids[j, :len(d.response_ids)] = d.topk_logits, d.topk_ids
+    jsd = (topk_jsd(t_vals, token_logprobs(logits / temperature, t_ids)) * mask).sum() / n_distill
+    (loss + weight * jsd).backward()
+    return {"grpo": loss.item(), "jsd": jsd.item()}, _grads(model)
+
+
+@pytest.mark.parametrize("budget,pack", [(None, False), (40, False), (40, True), (1, True), (10**6, True)])
+def test_token_budget_and_packing_equal_the_unsplit_full_logits_batch(tiny_model_dir, budget, pack):
+    model, tok = _load(tiny_model_dir)
+    items = _items(tok)
+    distill = _distill_items(model, tok, items)
+    ref_parts, ref = _accumulate_full_logits(model, items, distill)
+    model.zero_grad(set_to_none=True)
+    n_grpo, n_distill = sum(len(r) for _, r, _ in items), sum(len(d.response_ids) for d in distill)
+    parts = accumulate_gradients(model, items, distill, n_grpo, n_distill, 0.5, len(items), 0, 0.2, 0.2,
+                                 token_budget=budget, pack=pack, chunk=5)
+    assert parts["grpo"] == pytest.approx(ref_parts["grpo"], rel=1e-5, abs=1e-7)
+    assert parts["jsd"] == pytest.approx(ref_parts["jsd"], rel=1e-5)
+    grads = _grads(model)
+    assert set(grads) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_topk_equals_full_logits_topk_with_temperature(tiny_model_dir):
+    model, tok = _load(tiny_model_dir)
+    items = _items(tok)
+    prompts, responses = [p for p, _, _ in items], [r for _, r, _ in items]
+    with torch.no_grad():
+        logits, _, _ = response_logits(model, prompts, responses, 0)
+    for pack in (False, True):
+        got = teacher_topk(model, prompts, responses, 8, 0, micro=4, token_budget=30, pack=pack, temperature=0.5)
+        for j, (vals, ids) in enumerate(got):
+            ref_vals, ref_ids = (logits[j, :len(responses[j])] / 0.5).topk(8, -1)
+            torch.testing.assert_close(vals, ref_vals, rtol=1e-4, atol=1e-4)
+            assert (ids == ref_ids).float().mean() > 0.99  # ties aside, the same tokens
+
+
 def _rank_worker(rank, world, model_dir, rdv, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
     torch.set_num_threads(1)
