@@ -83,6 +83,11 @@ class HDPOConfig:
     cliff_reward_sum: float = 0.0  # a prompt is a cliff when its K rewards sum to at most this
     teacher_min_reward: float = 1.0  # privileged rollouts kept when their reward is at least this
     topk_logits_k: int = 64
+    # Expand-then-sharpen (the paper's future work): a prompt distilled as a cliff at step s returns once to
+    # the RL batch at step s + this many steps (null: never); at most reinject_max_per_step per step, taking
+    # the last slots of the regular draw. See hdpo/ledger.py.
+    reinject_cliffs_after_steps: Optional[int] = None
+    reinject_max_per_step: Optional[int] = None  # None: a quarter of grpo.num_prompts_per_step (at least 1)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class CheckpointConfig:
     keep_best: bool = True  # keep the policy of the best validation step (for benchmark evaluation)
     best_metric: str = "pass@1"  # validation metric that picks the best checkpoint
     dir: Optional[str] = None  # None: <run dir>/../../checkpoints/<run name>, outside Snakemake's outputs
+    tensorboard: bool = False  # also log every metrics row as TensorBoard scalars under <work dir>/tensorboard
 
 
 @dataclass
@@ -267,6 +273,10 @@ def _check(cfg: Config) -> None:
     need(h.max_cliff_prompts_per_step >= 0, "hdpo.max_cliff_prompts_per_step", "must be >= 0")
     need(h.privileged_rollouts_per_prompt is None or h.privileged_rollouts_per_prompt >= 1,
          "hdpo.privileged_rollouts_per_prompt", "must be >= 1 or null")
+    need(h.reinject_cliffs_after_steps is None or h.reinject_cliffs_after_steps >= 1,
+         "hdpo.reinject_cliffs_after_steps", "must be >= 1 or null")
+    need(h.reinject_max_per_step is None or 1 <= h.reinject_max_per_step <= g.num_prompts_per_step,
+         "hdpo.reinject_max_per_step", "must be in [1, grpo.num_prompts_per_step] or null")
     need(o.lr > 0, "optimizer.lr", "must be > 0")
     need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
