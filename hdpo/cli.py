@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         _require_gpu(cfg)
         evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out)
     elif args.command == "report":
-        from hdpo import report
-
-        write = report.write_tables if args.what == "tables" else report.write_figures
+        if args.what == "tables":
+            from hdpo.report.tables import write_tables as write
+        else:
+            from hdpo.report.figures import write_figures as write
         for path in write(cfg, Path(args.results), Path(args.out)):
             log.info("wrote %s", path)
 
