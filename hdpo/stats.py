@@ -97,10 +97,11 @@ def paired_difference(method, baseline, n_boot: int = 2000, alpha: float = 0.05,
 
 def decimals_for(low: float, high: float, lo_digits: int = 1, hi_digits: int = 4) -> int:
     """Decimals that show two significant digits of the interval's half-width (0.049 -> 3, 0.3 -> 2), within
-    [lo_digits, hi_digits]; a zero-width interval gets hi_digits. So 4 problems never print 4 decimals."""
+    [lo_digits, hi_digits]; a zero-width interval (every problem scored the same) gets 2. So 4 problems never
+    print 4 decimals."""
     half = (high - low) / 2
     if not math.isfinite(half) or half <= 0:
-        return hi_digits
+        return min(hi_digits, max(lo_digits, 2))
     return int(min(hi_digits, max(lo_digits, 1 - math.floor(math.log10(half)))))
 
 

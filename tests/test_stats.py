@@ -83,6 +83,6 @@ def test_paired_difference_needs_the_same_problems():
 def test_precision_follows_the_interval():
     assert decimals_for(0.451, 0.549) == 3  # half-width 0.049
     assert decimals_for(0.0, 0.6) == 2  # four problems: half-width 0.3
-    assert decimals_for(0.5, 0.5) == 4
+    assert decimals_for(0.5, 0.5) == 2 and decimals_for(0.0, 0.0004) == 4
     assert format_interval(Interval(0.25, 0.0, 0.75, 4)) == "0.25 [0.00, 0.75]"
     assert format_interval(Interval(0.012, -0.004, 0.028, 2048), signed=True) == "+0.012 [-0.004, +0.028]"

@@ -458,6 +458,10 @@ def _fig_benchmarks(cfg: Config, results_dir: Path):
     ci = bench_interval_frame(cfg, results_dir)
     ci_cells = {(r.method, r.benchmark, r.checkpoint, r.metric): (r.estimate, r.low, r.high)
                 for r in ci.itertuples(index=False)}
+    untrained = {(r.method, r.benchmark, r.checkpoint) for r in ci.itertuples(index=False)
+                 if r.untrained and r.method != BASE}
+    untrained |= {(r.method, r.benchmark, r.checkpoint) for r in tidy.itertuples(index=False)
+                  if r.method != BASE and r.model_step == 0}
     methods = [BASE] + list(cfg.experiment.methods)
     styles = method_styles(cfg)
     benches = list(cfg.experiment.benchmarks) or ["(none)"]
@@ -502,6 +506,9 @@ def _fig_benchmarks(cfg: Config, results_dir: Path):
                     ax.bar(x[i] + off, est, width * 0.92, color=color, alpha=alphas[j % len(alphas)],
                            hatch=hatches[j % len(hatches)], edgecolor="white" if j == 0 else color,
                            yerr=yerr, error_kw={"elinewidth": 0.7, "capsize": 1.5})
+                    if (method, bench, ckpt) in untrained:  # a "best" that is the step-0 model
+                        ax.text(x[i] + off, est + 0.02, "step 0", ha="center", va="bottom", fontsize=4.5,
+                                rotation=90, color="0.3")
                     if est == 0:  # a zero-height bar is invisible: draw its floor and say 0
                         ax.plot([x[i] + off - width * 0.4, x[i] + off + width * 0.4], [0, 0], color=color,
                                 linewidth=2.0, solid_capstyle="butt", clip_on=False, zorder=4)
