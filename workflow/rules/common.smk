@@ -102,7 +102,7 @@ def resource(rule_name: str, key: str) -> int:
 _RAW = json.loads(json.dumps(config))  # the config file's content, plain types
 # Keys that change speed or memory, not results: editing them (e.g. after an out-of-memory) reruns nothing.
 RUNTIME_ONLY = {"grpo.micro_batch_size", "generation.batch_size", "generation.gpu_memory_utilization",
-                "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir"}
+                "eval.reward_workers", "checkpoint.save_period", "checkpoint.dir", "checkpoint.tensorboard"}
 
 
 def _json(obj) -> str:
@@ -194,16 +194,25 @@ def work_dir(wildcards, input) -> str:
 
 # --- targets -----------------------------------------------------------------------------------------------
 DATA_DIR = "results/data"
-CODE = {name: _display_path(REPO / "hdpo" / name) for name in ("report.py", "paper.py", "plot_style.mplstyle")}
-TABLE_NAMES = ["table1", "benchmarks"]
-FIGURE_NAMES = ["val_passk", "cliffs", "lambda_tradeoff", "benchmarks"]
-TABLES = [f"results/tables/{n}.{ext}" for n in TABLE_NAMES for ext in ("csv", "md", "tex")]
+# The report's code, per rule (see rules/report.smk): each rule reruns only when code it imports changes.
+_REPORT_COMMON = ["report/__init__.py", "report/names.py", "report/frames.py", "stats.py", "paper.py", "passk.py"]
+CODE = {
+    "tables": [_display_path(REPO / "hdpo" / f) for f in _REPORT_COMMON + ["report/tables.py", "ledger.py"]],
+    "figures": [_display_path(REPO / "hdpo" / f) for f in _REPORT_COMMON + ["report/figures.py",
+                                                                           "plot_style.mplstyle"]],
+}
+TABLE_NAMES = ["table1", "validation", "differences", "benchmarks"]  # each as .csv (the truth), .md, .tex
+TABLES = [f"results/tables/{n}.{ext}" for n in TABLE_NAMES for ext in ("csv", "md", "tex")] + [
+    "results/tables/benchmarks_intervals.csv", "results/tables/cliffs.csv", "results/tables/cliffs.md"]
+FIGURE_NAMES = ["val_passk", "training", "cliffs", "cliff_recovery", "passk_curve", "lambda_sweep", "forest",
+                "benchmarks"]
 FIGURES = [f"figures/{n}.{ext}" for n in FIGURE_NAMES for ext in ("png", "pdf")]
 
 
 def run_files(run: str) -> list[str]:
     """The aggregated files of one training run (what the report reads; never the checkpoints)."""
-    return [f"results/runs/{run}/metrics.jsonl", f"results/runs/{run}/summary.json"]
+    return [f"results/runs/{run}/metrics.jsonl", f"results/runs/{run}/summary.json",
+            f"results/runs/{run}/cliffs.jsonl", f"results/runs/{run}/val_problems.jsonl.gz"]
 
 
 def eval_files(run: str) -> list[str]:
