@@ -122,6 +122,9 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # None: the generation's
     reward_timeout_s: float = 5.0
     reward_workers: int = 2
+    # Cliff probe: at each validation after step 0, also sample num_samples plain-prompt rollouts on up to this
+    # many former cliff prompts (the earliest of the run's cliff ledger): how many the policy now solves.
+    cliff_probe_problems: int = 0
 
 
 @dataclass
@@ -292,6 +295,7 @@ def _check(cfg: Config) -> None:
     for i, k in enumerate(e.pass_k):
         need(1 <= k <= e.num_samples, f"eval.pass_k[{i}]", f"k={k} must be in [1, eval.num_samples={e.num_samples}]")
     need(e.reward_timeout_s > 0, "eval.reward_timeout_s", "must be > 0")
+    need(e.cliff_probe_problems >= 0, "eval.cliff_probe_problems", "must be >= 0")
     need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
     for i, b in enumerate(cfg.experiment.benchmarks):
         need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")

@@ -81,6 +81,16 @@ def due_reinjections(rows: Iterable[dict], step: int, delay: int, cap: int) -> l
     return [(i, s) for s, i in due[:cap]]
 
 
+def former_cliffs(rows: Iterable[dict], limit: int) -> list[tuple[int, int]]:
+    """(train index, step of its first cliff) of the run's earliest `limit` distinct cliff prompts: the cliff
+    probe's problem set (it grows until `limit`, then stays fixed)."""
+    first: dict[int, int] = {}
+    for r in rows:
+        if r["cliff"] and (r["index"] not in first or r["step"] < first[r["index"]]):
+            first[r["index"]] = r["step"]
+    return sorted(first.items(), key=lambda kv: (kv[1], kv[0]))[:limit]
+
+
 def place_reinjections(regular: list[int], due: list[tuple[int, int]]) -> tuple[list[int], list[Optional[int]]]:
     """The step's batch: the regular draw with its last len(due) slots given to the returning prompts (so the
     batch size and the per-rank split stay the same). -> (indices, origin step per slot or None)."""

@@ -15,6 +15,7 @@ written atomically to the work dir, which is not a Snakemake output, and `resume
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -411,6 +412,30 @@ class Trainer:
                 "val/num_problems": len(counts), "val/num_samples": self.cfg.eval.num_samples,
                 "time/eval": round(time.time() - t, 3)}
 
+    def probe_cliffs(self, step: int) -> dict:
+        """The cliff probe: plain-prompt samples on the run's earliest former cliffs (eval.cliff_probe_problems)
+        -> metrics for the val row, and one record in val_problems.jsonl (set "cliff_probe")."""
+        limit = self.cfg.eval.cliff_probe_problems
+        former = cliff_ledger.former_cliffs(self.ledger, limit) if limit and step > 0 else []
+        if not former:
+            return {}
+        cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, greedy=False))
+        problems = [self.train_set[i] for i, _ in former]
+        seed_everything(self.cfg.seed, 2 * 10**6 + step, self.rank)
+        with self.amp():
+            _, records = score_problems(problems[self.rank::self.world], self.generator, self.tok, self.scorer, cfg)
+        counts = [c for part in dist.gather([r["num_correct"] for r in records]) for c in part]
+        order = [i for r in range(self.world) for i in range(r, len(former), self.world)]  # gather order
+        former = [former[i] for i in order]
+        if self.rank == 0:
+            _append_rows(self.val_records_path, [{"step": step, "set": "cliff_probe", "num_samples": cfg.eval.num_samples,
+                                                  "ids": [self.train_set[i].id for i, _ in former],
+                                                  "indices": [i for i, _ in former],
+                                                  "cliff_steps": [s for _, s in former], "num_correct": counts}])
+        n = cfg.eval.num_samples
+        return {"probe/former_cliffs": len(counts), "probe/solved": sum(c > 0 for c in counts) / len(counts),
+                "probe/pass@1": sum(counts) / (n * len(counts))}
+
     def _track_best(self, row: dict, step: int) -> bool:
         improved = False
         for key, value in row.items():
@@ -507,6 +532,7 @@ class Trainer:
                             kept=row["privileged/kept"], jsd=f"{row['loss/jsd']:.4f}")
             if self.state.step % cfg.eval.val_period == 0 or self.state.step == steps:
                 vrow = self.validate(self.state.step)
+                vrow.update(self.probe_cliffs(self.state.step))
                 self._log(vrow)
                 log.info("step %d validation: %s", self.state.step,
                          {k: v for k, v in vrow.items() if k.startswith("val/pass") or k == "val/greedy_acc"})

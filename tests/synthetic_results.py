@@ -50,6 +50,10 @@ def write_run(results: Path, method: str, seed: int, n_problems: int = 60, steps
             records.append({"step": step, "num_samples": n, "ids": ids, "num_correct": c.tolist(),
                             "greedy": g.tolist()})
             from hdpo.passk import mean_pass_at_k
+            if step:  # the cliff probe: 10 former cliffs, solved more often with the effect
+                pc = rng.binomial(n, np.clip(0.05 + 2 * EFFECT[method] * step / steps, 0, 1), size=10)
+                records.append({"step": step, "set": "cliff_probe", "num_samples": n, "ids": [f"t{i}" for i in range(10)],
+                                "indices": list(range(10)), "cliff_steps": [1] * 10, "num_correct": pc.tolist()})
             res = mean_pass_at_k(c.tolist(), n, [1, 2, 4, 8])
             metrics.append({"kind": "val", "step": step, **{f"val/{k}": v for k, v in res.items()},
                             "val/greedy_acc": float(g.mean()), "val/num_problems": n_problems, "val/num_samples": n})

@@ -112,9 +112,24 @@ def test_expand_then_sharpen_reinjects_and_resumes_to_the_same_ledger(tiny_model
     _run(tmp_path, tiny_model_dir, "cut", data, **{**on, "grpo.max_num_steps": 2})
     resumed = _run(tmp_path, tiny_model_dir, "cut", data, resume=True, **on)
     assert _ledger(resumed) == rows
-    # switched off, no prompt returns
-    off = _run(tmp_path, tiny_model_dir, "off", data, **{"grpo.max_num_steps": 2})
-    assert all(r["reinjected_from"] is None for r in _ledger(off))
+    # switched off, no prompt returns; with the cliff probe on, the earliest former cliffs are sampled again
+    off = _run(tmp_path, tiny_model_dir, "off", data, **{"grpo.max_num_steps": 2, "eval.cliff_probe_problems": 2})
+    rows = _ledger(off)
+    assert all(r["reinjected_from"] is None for r in rows)
+    with gzip.open(off.run_dir / "val_problems.jsonl.gz", "rt") as fh:
+        probes = [json.loads(l) for l in fh if '"cliff_probe"' in l]
+    assert [p["step"] for p in probes] == [2]  # not at step 0: no former cliff yet
+    first = sorted({(r["step"], r["index"]) for r in rows if r["cliff"]})
+    expected = []
+    for _, i in first:
+        if i not in expected:
+            expected.append(i)
+    assert probes[0]["indices"] == expected[:2] and len(probes[0]["num_correct"]) == 2
+    val = [json.loads(l) for l in (off.run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    n = probes[0]["num_samples"]
+    assert val[-1]["probe/former_cliffs"] == 2
+    assert val[-1]["probe/pass@1"] == pytest.approx(sum(probes[0]["num_correct"]) / (2 * n))
+    assert "probe/former_cliffs" not in val[0]
 
 
 def test_one_log_line_per_step_off_a_terminal(tiny_model_dir, tmp_path, caplog):

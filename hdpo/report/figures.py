@@ -23,7 +23,7 @@ from hdpo.config import Config
 from hdpo.io import atomic_path
 from hdpo.paper import SOURCES, paper_value
 from hdpo.report.frames import (INTERVAL_SELECTIONS, bench_interval_frame, benchmarks_frame, difference_frame,
-                                interval_frame, ledger_frame, summarize, train_frame, val_frame)
+                                interval_frame, ledger_frame, probe_frame, summarize, train_frame, val_frame)
 from hdpo.report.names import (BASE, baseline_of, benchmark_label, method_label, method_short, method_styles,
                                methods_of, metric_label)
 
@@ -219,10 +219,27 @@ def _time_bars(ax, train: pd.DataFrame, methods, styles) -> None:
 def _fig_cliff_recovery(cfg: Config, results_dir: Path):
     from matplotlib.figure import Figure
     ledger = ledger_frame(cfg, results_dir)
+    probe = probe_frame(cfg, results_dir)
     methods = list(cfg.experiment.methods)
     styles = method_styles(cfg)
-    fig = Figure(figsize=(DOUBLE_COLUMN_IN, 2.7), layout="constrained")
-    ax_bar, ax_cum, ax_tail = fig.subplots(1, 3)
+    fig = Figure(figsize=(DOUBLE_COLUMN_IN, 2.9), layout="constrained")
+    ax_probe, ax_bar, ax_cum, ax_tail = fig.subplots(1, 4)
+    # (0) the cliff probe: the run's earliest former cliffs, sampled with the plain prompt at each validation
+    drawn = False
+    for m in methods:
+        mine = probe[probe["method"] == m]
+        if mine.empty:
+            continue
+        band = _mean_band(mine.rename(columns={"solved": "v"}), "v")
+        ax_probe.plot(band["step"], band["mean"], **styles[m], marker="o", markersize=3)
+        drawn = True
+    if not drawn:
+        _no_data(ax_probe, "no cliff probe\n(eval.cliff_probe_problems = 0)")
+    ax_probe.set_title("probe: cliffs solved now")
+    ax_probe.set_xlabel("training step")
+    ax_probe.set_ylabel("fraction with a correct\nplain-prompt sample")
+    ax_probe.set_ylim(-0.02, 1.02)
+    ax_probe.xaxis.set_major_locator(MaxNLocator(integer=True))
     # (a) former cliffs met again later with the plain prompt, and how many were solved then
     x = np.arange(len(methods))
     met, solved, former = [], [], []
@@ -255,7 +272,7 @@ def _fig_cliff_recovery(cfg: Config, results_dir: Path):
         _no_data(ax_bar, "no former cliff met again\n(none re-drawn or re-injected)")
     ax_bar.set_xticks(x, [method_short(m) for m in methods], fontsize=5)
     ax_bar.set_ylim(0, max(1, max(met or [0])) * 1.35)
-    ax_bar.set_title("former cliffs met again / solved")
+    ax_bar.set_title("met again / solved")
     ax_bar.set_ylabel("prompts (all seeds)")
     ax_bar.legend(fontsize=5, frameon=False, loc="upper left")
     ax_bar.grid(axis="x", visible=False)
@@ -270,9 +287,9 @@ def _fig_cliff_recovery(cfg: Config, results_dir: Path):
         drawn = True
     if not drawn:
         _no_data(ax_cum)
-    ax_cum.set_title("distilled cliff prompts (cumulative)")
+    ax_cum.set_title("distilled cliffs")
     ax_cum.set_xlabel("training step")
-    ax_cum.set_ylabel("prompts (mean over seeds)")
+    ax_cum.set_ylabel("prompts, cumulative\n(mean over seeds)")
     ax_cum.xaxis.set_major_locator(MaxNLocator(integer=True))
     # (c) the teacher's mass outside its top-k on kept tokens, per distilled prompt (ECDF)
     drawn = False
@@ -284,8 +301,8 @@ def _fig_cliff_recovery(cfg: Config, results_dir: Path):
         drawn = True
     if not drawn:
         _no_data(ax_tail, "no kept privileged rollouts")
-    ax_tail.set_title(f"teacher mass outside top-{cfg.hdpo.topk_logits_k}")
-    ax_tail.set_xlabel("mean tail mass per distilled prompt")
+    ax_tail.set_title(f"mass outside top-{cfg.hdpo.topk_logits_k}")
+    ax_tail.set_xlabel("mean tail mass per prompt")
     ax_tail.set_ylabel("fraction of prompts (ECDF)")
     _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
     fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))

@@ -341,6 +341,8 @@ def val_scores(cfg: Config, results_dir: str | Path) -> dict[tuple[str, int], Ru
             path = Path(results_dir) / "runs" / run_name(method, seed) / "val_problems.jsonl.gz"
             by_step: dict[int, dict] = {}
             for i, row in enumerate(read_records(path), 1):
+                if row.get("set", "val") != "val":  # e.g. the cliff probe's records
+                    continue
                 try:
                     by_step[int(row["step"])] = {str(pid): (int(c), g, int(row["num_samples"])) for pid, c, g in
                                                  zip(row["ids"], row["num_correct"], row["greedy"], strict=True)}
@@ -511,6 +513,26 @@ def bench_interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_B
                                 "n_seeds": iv.n_seeds, "steps": "/".join("?" if s is None else str(s) for s in steps),
                                 "untrained": method == BASE or all(s == 0 for s in steps)})
     return pd.DataFrame.from_records(records, columns=BENCH_INTERVAL_COLUMNS)
+
+
+def probe_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
+    """The cliff probe per run and validation step: former cliffs probed, the fraction solved (at least one of
+    n plain-prompt samples correct) and their mean pass@1."""
+    records = []
+    for method in cfg.experiment.methods:
+        for seed in cfg.experiment.seeds:
+            path = Path(results_dir) / "runs" / run_name(method, seed) / "val_problems.jsonl.gz"
+            for row in read_records(path):
+                if row.get("set") != "cliff_probe":
+                    continue
+                try:
+                    c, n = [int(x) for x in row["num_correct"]], int(row["num_samples"])
+                    records.append({"method": method, "seed": int(seed), "step": int(row["step"]),
+                                    "probed": len(c), "solved": sum(x > 0 for x in c) / len(c),
+                                    "pass@1": sum(c) / (n * len(c))})
+                except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+                    logger.warning("%s: bad cliff-probe record (%s); skipped", path, err)
+    return pd.DataFrame.from_records(records, columns=["method", "seed", "step", "probed", "solved", "pass@1"])
 
 
 def ledger_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:

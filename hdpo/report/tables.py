@@ -25,7 +25,8 @@ from hdpo.io import atomic_path, atomic_write_text
 from hdpo.ledger import summary as ledger_summary
 from hdpo.paper import PAPER_SELECTION, SOURCES
 from hdpo.report.frames import (INTERVAL_SELECTIONS, OURS, Cell, _val_info, bench_interval_frame, benchmarks_frame,
-                                difference_frame, interval_frame, read_records, summarize, table1_frame)
+                                difference_frame, interval_frame, probe_frame, read_records, summarize,
+                                table1_frame)
 from hdpo.report.names import (BASE, MISSING, baseline_of, benchmark_label, method_label, metric_label, run_name,
                                tex_escape, val_metrics)
 from hdpo.stats import decimals_for, format_p
@@ -314,18 +315,25 @@ def _benchmark_specs(cfg: Config, tidy: pd.DataFrame, intervals: Optional[pd.Dat
 def cliff_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     """One row per run: the totals of its cliff ledger (hdpo.ledger.summary)."""
     records = []
+    probe = probe_frame(cfg, results_dir)
     for method in cfg.experiment.methods:
         for seed in cfg.experiment.seeds:
             rows = read_records(Path(results_dir) / "runs" / run_name(method, seed) / "cliffs.jsonl")
+            mine = probe[(probe["method"] == method) & (probe["seed"] == int(seed))].sort_values("step")
+            last = mine.iloc[-1] if len(mine) else None
+            probe_cols = {"probe_step": None if last is None else int(last["step"]),
+                          "probe_problems": None if last is None else int(last["probed"]),
+                          "probe_solved": math.nan if last is None else float(last["solved"])}
             if rows:
                 try:
-                    records.append({"method": method, "seed": int(seed), **ledger_summary(rows)})
+                    records.append({"method": method, "seed": int(seed), **ledger_summary(rows), **probe_cols})
                 except (KeyError, TypeError) as err:
                     import logging
                     logging.getLogger(__name__).warning("%s cliffs.jsonl: bad ledger (%s); skipped",
                                                         run_name(method, seed), err)
     cols = ["method", "seed", "prompts", "cliffs", "selected", "distilled", "reinjected", "privileged_generated",
-            "privileged_kept", "teacher_pass_rate", "tail_mass_mean", "former_cliffs", "met_again", "solved_again"]
+            "privileged_kept", "teacher_pass_rate", "tail_mass_mean", "former_cliffs", "met_again", "solved_again",
+            "probe_step", "probe_problems", "probe_solved"]
     return pd.DataFrame.from_records(records, columns=cols)
 
 
@@ -334,17 +342,21 @@ def _cliff_md(frame: pd.DataFrame) -> str:
             "a cliff with at least one kept privileged rollout; reinjected: a former cliff put back into the batch "
             "(expand-then-sharpen); teacher pass rate: kept / generated privileged rollouts; tail mass: the teacher's "
             "probability mass outside its top-k on kept tokens (mean); met again / solved again: former cliffs "
-            "seen later with the plain prompt, and those with a correct rollout then (GRPO: the control)\n\n")
+            "seen later with the plain prompt, and those with a correct rollout then (GRPO: the control); probe: "
+            "at the last validation, the fraction of the run's earliest former cliffs (eval.cliff_probe_problems) "
+            "with at least one correct plain-prompt sample\n\n")
     if frame.empty:
         return head + "No ledger yet.\n"
     cols = ["run", "prompts", "cliffs", "distilled", "reinjected", "teacher pass rate", "tail mass", "met again",
-            "solved again"]
+            "solved again", "probe solved"]
     lines = ["| " + " | ".join(cols) + " |", "| --- |" + " ---: |" * (len(cols) - 1)]
     for r in frame.itertuples(index=False):
         f = lambda v: MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
         lines.append(f"| {method_label(r.method)} (seed {r.seed}) | {r.prompts} | {r.cliffs} | {r.distilled} | "
                      f"{r.reinjected} | {f(r.teacher_pass_rate)} | {f(r.tail_mass_mean)} | {r.met_again} | "
-                     f"{r.solved_again} / {r.met_again} |")
+                     f"{r.solved_again} / {r.met_again} | "
+                     + (f"{f(r.probe_solved)} of {r.probe_problems} (step {r.probe_step})"
+                        if r.probe_step is not None and not pd.isna(r.probe_step) else MISSING) + " |")
     return head + "\n".join(lines) + "\n"
 
 
