@@ -320,8 +320,8 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
 
     with zipfile.ZipFile(root / "report.zip") as z:
         names = z.namelist()
-    assert all(any(n.endswith(f"figures/{f}.png") for n in names) for f in FIGURE_NAMES)
-    assert any(n.endswith("tables/differences.csv") for n in names)
+    assert all(any(n.endswith(f"/{f}.png") for n in names) for f in FIGURE_NAMES)
+    assert all(any(n.endswith(f"/{t}.csv") for n in names) for t in ("table1", "validation", "differences"))
     from hdpo.report import method_label
 
     methods = ("grpo", "hdpo_frozen_lambda0.1")

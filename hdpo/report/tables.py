@@ -216,23 +216,26 @@ def _table1_specs(cfg: Config, tidy: pd.DataFrame, info: dict, intervals: Option
 
 
 def _validation_specs(cfg: Config, intervals: pd.DataFrame, info: dict) -> list[TableSpec]:
-    """One table per selection, the untrained model first, then a column of the step(s) behind the values."""
+    """One table per selection, the untrained model first; the step(s) behind each value (one per seed) beside
+    it, since each metric has its own best step."""
     metrics = val_metrics(cfg)
     cells = _interval_cells(intervals, ["method", "selection", "metric"])
-    steps = {(r.method, r.selection): r.steps for r in intervals.itertuples(index=False)}
+    steps = {(r.method, r.selection, r.metric): r.steps for r in intervals.itertuples(index=False)}
     n_prob = info["num_problems"] if info["num_problems"] is not None else "?"
     specs = []
     for selection in INTERVAL_SELECTIONS:
         rows = []
         for method, sel in [(BASE, "step 0")] + [(m, selection) for m in cfg.experiment.methods]:
-            row = [cells.get((method, sel, m)) for m in metrics] + [steps.get((method, sel))]
+            row = [cells.get((method, sel, m)) for m in metrics]
+            row += ["; ".join(f"{metric_label(m)}: {steps[(method, sel, m)]}" for m in metrics
+                               if (method, sel, m) in steps) or None]
             rows.append((method_label(method, "md"), method_label(method, "tex"), row))
         note = (f"{SELECTION_NOTES[selection]}. Validation split, {n_prob} problems"
                 f"{' (scored on half of them)' if selection == 'held-out' else ''}; mean over problems and seeds "
-                f"[95% bootstrap interval]; step: the validation step behind the value, one per seed; the base "
-                f"model row is step 0")
+                f"[95% bootstrap interval]; steps: the validation step behind each metric's value, one per seed "
+                f"(seeds separated by /); the base model row is step 0")
         specs.append(TableSpec(f"Validation, {selection} step", [("", [metric_label(m) for m in metrics]),
-                                                                  ("", ["step"])], rows, note))
+                                                                  ("", ["steps"])], rows, note))
     return specs
 
 
