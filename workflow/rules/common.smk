@@ -194,7 +194,7 @@ def work_dir(wildcards, input) -> str:
 
 # --- targets -----------------------------------------------------------------------------------------------
 DATA_DIR = "results/data"
-# The report's code, per rule (see rules/report.smk): each rule reruns only when code it imports changes.
+# The report's code per job (rules/report.smk): tables and figures rerun when code they import changes.
 _REPORT_COMMON = ["report/__init__.py", "report/names.py", "report/frames.py", "stats.py", "paper.py", "passk.py"]
 CODE = {
     "tables": [_display_path(REPO / "hdpo" / f) for f in _REPORT_COMMON + ["report/tables.py", "ledger.py"]],
@@ -226,6 +226,26 @@ def runs_of(methods) -> list[str]:
 def targets_of(methods) -> list[str]:
     """Every run of these methods (all seeds) and its benchmark evaluations."""
     return [f for run in runs_of(methods) for f in run_files(run) + eval_files(run)]
+
+
+# What the report rules read, and report() around what a reader opens (rules/report.smk).
+BASE_EVAL = [f"results/eval/base/{b}.{ext}" for b in BENCHMARKS for ext in ("json", "samples.jsonl.gz")]
+REPORT_INPUTS = [f for run in RUNS for f in run_files(run) + eval_files(run)] + [
+    f.replace(".json", ".samples.jsonl.gz") for run in RUNS for f in eval_files(run)] + BASE_EVAL
+
+
+def _reported(paths, kind):
+    """report() around what a reader opens (CSV tables, PNG figures), each with its caption file."""
+    out = []
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if kind == "tables" and path.endswith(".csv"):
+            out.append(report(path, caption="../report/tables.rst", category="Tables", labels={"table": name}))
+        elif kind == "figures" and path.endswith(".png"):
+            out.append(report(path, caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}))
+        else:
+            out.append(path)
+    return out
 
 
 def _lambda_of(method: str) -> float:

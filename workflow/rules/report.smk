@@ -4,23 +4,6 @@
 # hdpo/report/figures.py or the style file the figures only, the shared modules both; nothing upstream reruns.
 # Every table CSV and figure PNG is wrapped in report() with a caption: `snakemake --report report.zip` (after a
 # run) is the shareable result.
-BASE_EVAL = [f"results/eval/base/{b}.{ext}" for b in BENCHMARKS for ext in ("json", "samples.jsonl.gz")]
-REPORT_INPUTS = [f for run in RUNS for f in run_files(run) + eval_files(run)] + [
-    f.replace(".json", ".samples.jsonl.gz") for run in RUNS for f in eval_files(run)] + BASE_EVAL
-
-
-def _reported(paths, kind):
-    """report() around what a reader opens (CSV tables, PNG figures), each with its caption file."""
-    out = []
-    for path in paths:
-        name = os.path.splitext(os.path.basename(path))[0]
-        if kind == "tables" and path.endswith(".csv"):
-            out.append(report(path, caption="../report/tables.rst", category="Tables", labels={"table": name}))
-        elif kind == "figures" and path.endswith(".png"):
-            out.append(report(path, caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}))
-        else:
-            out.append(path)
-    return out
 
 
 rule tables:
