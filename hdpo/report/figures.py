@@ -564,6 +564,7 @@ def write_figures(cfg: Config, results_dir: str | Path, out_dir: str | Path,
     import matplotlib.style
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    methods_of(cfg)  # registers the methods' labels
     written: list[Path] = []
     with matplotlib.style.context(str(STYLE_FILE)):
         for name in names:

@@ -27,13 +27,19 @@ def _spec(method: str) -> Optional[dict]:
             "distill_weight": float(lam)}
 
 
-def methods_of(cfg: Config) -> dict[str, dict]:
-    """The config's methods in grid order: name -> {label, short, teacher, distill_weight}.
+_KNOWN: dict[str, dict] = {}  # filled by methods_of: what method_label / method_short find by name
 
-    The adapter between the config's method entries and the report (today: parsed from the method name)."""
+
+def methods_of(cfg: Config) -> dict[str, dict]:
+    """The config's methods in grid order: name -> {label, short, teacher (None for GRPO), distill_weight}.
+
+    The one adapter between the config's method entries and the report (today: parsed from the method name);
+    it also registers the labels, so `method_label(name)` gives a record's own label. write_tables and
+    write_figures call it first."""
     out = {}
     for m in cfg.experiment.methods:
         out[m] = _spec(m) or {"label": m, "short": m, "teacher": None, "distill_weight": None}
+    _KNOWN.update(out)
     return out
 
 
@@ -59,7 +65,7 @@ def method_label(method: str, fmt: str = "text") -> str:
     """'hdpo_frozen_lambda0.1' -> 'HDPO frozen, λ=0.1' (fmt 'text' or 'md'), with $\\lambda$ for 'tex'."""
     if method == BASE:
         return "base model (step 0)"
-    spec = _spec(method)
+    spec = _KNOWN.get(method) or _spec(method)
     label = spec["label"] if spec else method
     return tex_escape(label) if fmt == "tex" else label
 
@@ -68,7 +74,7 @@ def method_short(method: str) -> str:
     """A two-line tick label: 'frozen\\nλ=0.1'."""
     if method == BASE:
         return "base"
-    spec = _spec(method)
+    spec = _KNOWN.get(method) or _spec(method)
     return spec["short"] if spec else method
 
 
