@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a saved policy on a benchmark")
     _common(p)
-    p.add_argument("--model", required=True, help="a policy folder written by train")
+    p.add_argument("--model", default=None, help="a policy folder written by train")
+    p.add_argument("--base", action="store_true",
+                   help="evaluate the untrained model of the config (model.*) instead of --model")
+    p.add_argument("--model-cache", default=None, help="where converted models go (default: results/models)")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--data", required=True, help="folder written by prepare-data")
     p.add_argument("--out", required=True, help="summary JSON path (samples go beside it)")
@@ -163,9 +166,18 @@ def _run(args, cfg: Config) -> None:
         from hdpo.evaluate import evaluate_checkpoint
 
         _require_gpu(cfg)
-        if not Path(args.model).is_dir():
+        if args.base == bool(args.model):
+            raise SystemExit("hdpo evaluate: give exactly one of --model DIR and --base")
+        meta = None
+        if args.base:  # the step-0 model: a row of its own in the benchmark tables
+            from hdpo.models import resolve_model
+
+            cache = args.model_cache or str(Path(args.out).resolve().parents[2] / "models")
+            args.model = resolve_model(cfg.model, cache)
+            meta = {"run": "base", "method": "base", "seed": cfg.seed, "checkpoint": "base", "model_step": 0}
+        elif not Path(args.model).is_dir():
             raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
-        evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out)
+        evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out, meta)
     elif args.command == "preflight":
         import json
 
@@ -183,9 +195,10 @@ def _run(args, cfg: Config) -> None:
         if not verdict["fits"]:
             raise SystemExit(1)
     elif args.command == "report":
-        from hdpo import report
-
-        write = report.write_tables if args.what == "tables" else report.write_figures
+        if args.what == "tables":
+            from hdpo.report.tables import write_tables as write
+        else:
+            from hdpo.report.figures import write_figures as write
         for path in write(cfg, Path(args.results), Path(args.out)):
             log.info("wrote %s", path)
 

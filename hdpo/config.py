@@ -145,6 +145,12 @@ class HDPOConfig:
     teacher_min_reward: float = key(1.0, "privileged rollouts kept when their reward is at least this",
                                     paper=True)
     topk_logits_k: int = key(64, "teacher top-k of the JSD", paper=True)
+    reinject_cliffs_after_steps: Optional[int] = key(
+        None, "expand-then-sharpen (the paper's future work): a prompt distilled as a cliff at step s returns once "
+              "to the RL batch at step s + this many steps (null: never); see hdpo/ledger.py")
+    reinject_max_per_step: Optional[int] = key(
+        None, "at most this many returning prompts per step, taking the last slots of the regular draw (null: a "
+              "quarter of grpo.num_prompts_per_step, at least 1)")
 
 
 @dataclass
@@ -187,6 +193,9 @@ class EvalConfig:
     reward_retry_timeout_s: Optional[float] = key(
         20.0, "a timed-out item is scored once more with this longer limit before it counts as 0 (null: never)")
     reward_workers: int = key(2, "processes verifying answers", runtime=True)
+    cliff_probe_problems: int = key(
+        0, "cliff probe: at each validation after step 0, also sample num_samples plain-prompt rollouts on up to "
+           "this many former cliffs (the earliest of the run's ledger): how many the policy now solves")
 
 
 @dataclass
@@ -197,6 +206,8 @@ class CheckpointConfig:
     best_metric: str = key("pass@1", "validation metric that picks the best checkpoint")
     dir: Optional[str] = key(None, "resumable checkpoints folder (null: results/checkpoints, never a "
                                    "Snakemake output)", runtime=True)
+    tensorboard: bool = key(False, "also log every metrics row as TensorBoard scalars under <work dir>/tensorboard",
+                            runtime=True)
 
 
 @dataclass
@@ -209,6 +220,13 @@ class MethodRecord:
     settings: dict[str, Any] = key(doc="other per-run keys of this method, dotted, e.g. {hdpo.topk_logits_k: 32}",
                                    factory=dict)
     name: str = key("", "the record's name (its key under experiment.methods; filled in)")
+
+
+def paper_methods(*names: str) -> dict[str, dict]:
+    """The paper's method records (all, or those named) as plain config data, for configs built in code."""
+    recs = _paper_methods()
+    return {n: {"label": recs[n].label, "teacher": recs[n].teacher, "distill_weight": recs[n].distill_weight}
+            for n in (names or recs)}
 
 
 def _paper_methods() -> dict[str, MethodRecord]:
@@ -376,6 +394,10 @@ def _check(cfg: Config) -> None:
     need(h.max_cliff_prompts_per_step >= 0, "hdpo.max_cliff_prompts_per_step", "must be >= 0")
     need(h.privileged_rollouts_per_prompt is None or h.privileged_rollouts_per_prompt >= 1,
          "hdpo.privileged_rollouts_per_prompt", "must be >= 1 or null")
+    need(h.reinject_cliffs_after_steps is None or h.reinject_cliffs_after_steps >= 1,
+         "hdpo.reinject_cliffs_after_steps", "must be >= 1 or null")
+    need(h.reinject_max_per_step is None or 1 <= h.reinject_max_per_step <= g.num_prompts_per_step,
+         "hdpo.reinject_max_per_step", "must be in [1, grpo.num_prompts_per_step] or null")
     need(o.lr > 0, "optimizer.lr", "must be > 0")
     need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
@@ -403,6 +425,7 @@ def _check(cfg: Config) -> None:
     need(e.reward_timeout_s > 0, "eval.reward_timeout_s", "must be > 0")
     need(e.reward_retry_timeout_s is None or e.reward_retry_timeout_s >= e.reward_timeout_s,
          "eval.reward_retry_timeout_s", "must be >= eval.reward_timeout_s, or null")
+    need(e.cliff_probe_problems >= 0, "eval.cliff_probe_problems", "must be >= 0")
     need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
     for i, b in enumerate(cfg.experiment.benchmarks):
         need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")
@@ -502,39 +525,6 @@ def run_config(merged: "Config | dict", method: str, seed: Optional[int] = None)
         raise ConfigError(f"experiment.methods.{method}.settings: {err}") from None
 
 
-# --- deprecated: the old method-name grammar, kept only for hdpo/report.py until it reads labels from records ---
-
-def parse_method(name: str) -> dict:
-    """DEPRECATED (remove with the report split): the hdpo.* keys of a method named in the paper's records."""
-    rec = _paper_methods().get(name)
-    if rec is None:
-        raise ValueError(f"{name!r} is not one of the paper's methods ({', '.join(_paper_methods())})")
-    return {"hdpo.method": "grpo" if rec.distill_weight == 0 else "hdpo", "hdpo.teacher": rec.teacher,
-            "hdpo.distill_weight": rec.distill_weight}
-
-
-def method_name(cfg: Config) -> str:
-    """DEPRECATED (remove with the report split): the run's method; use cfg.run.method."""
-    return cfg.run.method or ("grpo" if cfg.hdpo.distill_weight == 0 else "hdpo")
-
-
-def _methods_from_list(value: Any) -> Any:
-    """DEPRECATED list form of experiment.methods (names of the paper's records), kept for old configs and
-    tests; the record form is the one to write."""
-    if not isinstance(value, list):
-        return value
-    paper = _paper_methods()
-    out = {}
-    for i, name in enumerate(value):
-        if name not in paper:
-            raise ConfigError(f"experiment.methods[{i}]: {name!r}: write experiment.methods as a mapping "
-                              "name -> {label, teacher, distill_weight} (a list may only name the paper's methods: "
-                              f"{', '.join(paper)})")
-        rec = paper[name]
-        out[name] = {"label": rec.label, "teacher": rec.teacher, "distill_weight": rec.distill_weight}
-    return out
-
-
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node = data
     parts = dotted.split(".")
@@ -560,7 +550,10 @@ def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None, _runs: boo
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
     if isinstance(data.get("experiment"), dict) and "methods" in data["experiment"]:
-        methods = _methods_from_list(data["experiment"]["methods"])
+        methods = data["experiment"]["methods"]
+        if isinstance(methods, list):
+            raise ConfigError("experiment.methods: a mapping name -> {label, teacher, distill_weight, settings} "
+                              "(see config/config.yaml), not a list of names")
         if isinstance(methods, dict):  # layers merge records by name; `name: null` drops an inherited one
             methods = {k: v for k, v in methods.items() if v is not None}
         data["experiment"]["methods"] = methods

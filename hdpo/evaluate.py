@@ -73,7 +73,7 @@ def summarise(correct_counts: list[int], greedy_rewards: list[Optional[float]], 
 
 
 def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data_dir: str | Path,
-                        out_json: str | Path) -> dict:
+                        out_json: str | Path, meta: Optional[dict] = None) -> dict:
     """`hdpo evaluate`: a saved policy on one prepared benchmark -> summary JSON + per-problem records."""
     from hdpo.generation import make_generator
     from hdpo.models import load_model, load_tokenizer
@@ -89,7 +89,7 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
                       retry_timeout_s=cfg.eval.reward_retry_timeout_s) as scorer:
         summary, records = score_problems(problems, gen, tok, scorer, cfg, benchmark)
         reward_stats = scorer.stats.as_dict()
-    meta = _model_meta(model_dir)
+    meta = meta or _model_meta(model_dir)  # `meta`: e.g. the untrained model, which has no hdpo_meta.json
     result = {**meta, "benchmark": benchmark, **summary, "reward_stats": reward_stats}
     out_json = Path(out_json)
     write_jsonl(out_json.with_name(out_json.stem + ".samples.jsonl.gz"), records)

@@ -140,14 +140,20 @@ def chunked_topk_jsd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 @torch.no_grad()
 def chunked_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], k: int,
-                 temperature: float = 1.0, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of (logits / temperature) per position, values float32 [N, k] and ids [N, k]."""
-    vals, ids = [], []
+                 temperature: float = 1.0, chunk: int = DEFAULT_CHUNK, with_tail: bool = False):
+    """The top-k of (logits / temperature) per position, values float32 [N, k] and ids [N, k]; with `with_tail`
+    also the probability mass the cut leaves out, 1 - sum of softmax over the top-k, [N]."""
+    vals, ids, tails = [], [], []
     for s, e in _chunks(hidden.shape[0], chunk):
         logits = _logits(hidden[s:e], weight, bias, temperature)
         v, i = logits.topk(min(k, logits.shape[-1]), dim=-1)
         vals.append(v)
         ids.append(i)
+        if with_tail:
+            tails.append((1.0 - torch.exp(torch.logsumexp(v, -1) - torch.logsumexp(logits, -1))).clamp_min(0.0))
     if not vals:
-        return hidden.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long, device=hidden.device)
+        empty = (hidden.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long, device=hidden.device))
+        return (*empty, hidden.new_zeros(0, dtype=torch.float32)) if with_tail else empty
+    if with_tail:
+        return torch.cat(vals), torch.cat(ids), torch.cat(tails)
     return torch.cat(vals), torch.cat(ids)

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from hdpo.config import Config, from_dict, parse_method
+from hdpo.config import Config, from_dict, method_records
 
 log = logging.getLogger(__name__)
 GIB = 2 ** 30
@@ -263,13 +263,14 @@ def tiny_run_config(cfg: Config, model_dir: Path, steps: int) -> Config:
         "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 2, "max_num_steps": steps,
                  "micro_batch_size": g.micro_batch_size, "micro_batch_tokens": g.micro_batch_tokens,
                  "sequence_packing": g.sequence_packing, "logprob_chunk_size": g.logprob_chunk_size},
-        "hdpo": {"method": "hdpo", "distill_weight": 0.1, "teacher": "drifting", "privileged_info": "answer",
+        "hdpo": {"distill_weight": 0.1, "teacher": "drifting", "privileged_info": "answer",
                  "max_cliff_prompts_per_step": 2, "topk_logits_k": 8, "teacher_min_reward": 0.0},
         "optimizer": {"lr": 1e-3, "warmup_steps": 0},
         "generation": {"backend": "transformers", "max_new_tokens": 8, "batch_size": 8},
         "eval": {"val_period": 1000, "num_samples": 1, "pass_k": [1], "greedy": False, "reward_workers": 0},
         "checkpoint": {"save_period": 1, "keep_best": False},
-        "experiment": {"methods": ["hdpo_drifting_lambda0.1"], "benchmarks": [], "require_gpu": False},
+        "experiment": {"methods": {"preflight": {"label": "preflight", "teacher": "drifting", "distill_weight": 0.1}},
+                       "benchmarks": [], "require_gpu": False},
         "benchmarks": {},
     })
 
@@ -371,7 +372,7 @@ def preflight(cfg: Config, work_dir: Path, tiny: Optional[bool] = None, resume_c
     # frozen teacher (in the config's dtype) when any configured method uses one
     from hdpo.generation import generation_copy
 
-    frozen = any(parse_method(m).get("hdpo.teacher") == "frozen" for m in cfg.experiment.methods)
+    frozen = any(r.teacher == "frozen" and r.distill_weight > 0 for r in method_records(cfg).values())
     keep = [generation_copy(model, cfg.model.dtype) for on in (cfg.generation.backend == "transformers", frozen)
             if on]
     upd = measure_update(model, cfg, device, budget, tiny)

@@ -15,11 +15,13 @@ written atomically to the work dir, which is not a Snakemake output, and `resume
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +34,18 @@ from tqdm import tqdm
 from hdpo import checkpoint as ckpt
 from hdpo import distributed as dist
 from hdpo import faults
+from hdpo import ledger as cliff_ledger
 from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
 from hdpo.generation import Sampling, make_generator
-from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json
+from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
 from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
                            plan_micro_batches, response_hidden)
 from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages
 from hdpo.models import autocast, default_device, load_model, load_tokenizer, resolve_model
 from hdpo.reward import RewardScorer, RewardStats
+from hdpo.tracking import is_terminal, make_tensorboard, step_line
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +125,32 @@ class DistillItem:
 @torch.no_grad()
 def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[int]], k: int, pad_id: int,
                  micro: int, token_budget: Optional[int] = None, pack: bool = False, temperature: float = 1.0,
-                 chunk: int = DEFAULT_CHUNK) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 chunk: int = DEFAULT_CHUNK, tails: Optional[list] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The teacher's top-k of logits / temperature at each response token, per rollout ([T, k] values, ids),
-    from its final hidden states in chunks of positions (no [tokens, vocab] tensor for the micro-batch)."""
+    from its final hidden states in chunks of positions (no [tokens, vocab] tensor for the micro-batch).
+    `tails`, if given, receives per trajectory the probability mass the cut leaves out at each token (for the
+    cliff ledger)."""
     weight, bias = output_projection(teacher)
     out: list = [None] * len(responses)
+    tails_by: list = [None] * len(responses)
     lengths = [len(p) + len(r) for p, r in zip(priv_prompts, responses)]
     for mb in plan_micro_batches(lengths, micro, token_budget, pack):
         hidden, _ = response_hidden(teacher, [priv_prompts[i] for i in mb], [responses[i] for i in mb], pad_id, pack)
-        vals, ids = chunked_topk(hidden, weight, bias, k, temperature, chunk)
+        if tails is None:
+            vals, ids = chunked_topk(hidden, weight, bias, k, temperature, chunk)
+        else:
+            vals, ids, tail = chunked_topk(hidden, weight, bias, k, temperature, chunk, with_tail=True)
+            tail = tail.cpu()
         vals, ids = vals.cpu(), ids.cpu()
         start = 0
         for i in mb:
             n = len(responses[i])
             out[i] = (vals[start:start + n], ids[start:start + n])
+            if tails is not None:
+                tails_by[i] = tail[start:start + n]
             start += n
+    if tails is not None:
+        tails.extend(tails_by)
     return out
 
 
@@ -260,6 +275,11 @@ class Trainer:
         self.sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens or cfg.model.max_total_sequence_length)
         self.state = TrainState()
         self.metrics_path = self.work_dir / "metrics.jsonl"
+        self.ledger_path = self.work_dir / "cliffs.jsonl"  # the cliff ledger (hdpo/ledger.py)
+        self.val_records_path = self.work_dir / "val_problems.jsonl"  # per-problem validation results
+        self.ledger: list[dict] = []  # every rank keeps it: expand-then-sharpen reads it to draw batches
+        self._slots: tuple[list[int], list] = ([], [])
+        self.tensorboard = None
         self.ckpt_path = self.work_dir / "checkpoint.pt"
         self._t0, self._wall_before, self._ckpt_step, self._lock = time.time(), 0.0, None, None
 
@@ -270,8 +290,16 @@ class Trainer:
     def _my_problems(self, step: int) -> list[Problem]:
         B = self.cfg.grpo.num_prompts_per_step
         idx = batch_indices(step, B, len(self.train_set), self.cfg.seed)
+        origins: list = [None] * len(idx)
+        delay = self.cfg.hdpo.reinject_cliffs_after_steps
+        if delay is not None:  # expand-then-sharpen: former cliffs take the last slots, a function of the ledger
+            cap = self.cfg.hdpo.reinject_max_per_step or max(1, B // 4)
+            idx, origins = cliff_ledger.place_reinjections(
+                idx, cliff_ledger.due_reinjections(self.ledger, step + 1, delay, cap))
         per = B // self.world
-        return [self.train_set[i] for i in idx[self.rank * per:(self.rank + 1) * per]]
+        mine = slice(self.rank * per, (self.rank + 1) * per)
+        self._slots = (idx[mine], origins[mine])
+        return [self.train_set[i] for i in idx[mine]]
 
     # -- one step of Algorithm 1 --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -299,6 +327,7 @@ class Trainer:
         cliffs = select_cliffs(rewards, h.cliff_reward_sum, h.max_cliff_prompts_per_step, sum(n_cliffs_all[:self.rank]))
         # 5-6. privileged rollouts, R=1 filter, teacher top-k on the privileged context
         distill, generated, kept = [], 0, 0
+        gen_per, kept_per, tail_per = {}, {}, {}  # per position in this rank's batch, for the cliff ledger
         n_grpo_local = sum(len(r.response_ids) for r in flat)  # GRPO's token normaliser (this rank's share)
         gen_tokens = n_grpo_local
         if self.hdpo_on and cliffs:
@@ -316,6 +345,9 @@ class Trainer:
             keep = [(ci, r) for ci, g in enumerate(priv) for r in g]
             keep = [(ci, r) for (ci, r), rw in zip(keep, prew) if rw >= h.teacher_min_reward]
             kept = len(keep)
+            gen_per = {cliffs[ci]: M for ci in range(len(cliff_problems))}
+            for ci, _ in keep:
+                kept_per[cliffs[ci]] = kept_per.get(cliffs[ci], 0) + 1
             times["privileged_reward"], t = time.time() - t, time.time()
             if keep:
                 plain_ids = {ci: self.tok(self._prompt(cliff_problems[ci]), add_special_tokens=False).input_ids
@@ -323,11 +355,16 @@ class Trainer:
                 teacher = self.policy if self.frozen is None else self.frozen
                 was = teacher.training
                 teacher.eval()
+                tails: list = []
                 with self.amp():
                     tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
                                       h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size, **self.micro_kw,
-                                      temperature=self.sampling.temperature)
+                                      temperature=self.sampling.temperature, tails=tails)
                 teacher.train(was)
+                by_prompt: dict = {}
+                for (ci, _), tail in zip(keep, tails):
+                    by_prompt.setdefault(cliffs[ci], []).append(tail)
+                tail_per = {j: cliff_ledger.tail_summary(torch.cat(ts).tolist()) for j, ts in by_prompt.items()}
                 distill = [DistillItem(plain_ids[ci], r.response_ids, v, i) for (ci, r), (v, i) in zip(keep, tk)]
             times["teacher"], t = time.time() - t, time.time()
 
@@ -372,6 +409,14 @@ class Trainer:
         times["update"] = time.time() - t
         times["step"] = sum(times.values())
 
+        # the cliff ledger: one row per prompt of the step, from every rank
+        ledger_rows = cliff_ledger.step_rows(step + 1, self._slots[0], [p.id for p in problems], rewards.tolist(),
+                                             h.cliff_reward_sum, cliffs, gen_per, kept_per, self._slots[1], tail_per)
+        ledger_rows = [r for part in dist.gather(ledger_rows) for r in part]
+        self.ledger.extend(ledger_rows)
+        if self.rank == 0:
+            _append_rows(self.ledger_path, ledger_rows)
+
         # metrics, summed or averaged over ranks
         stats_after = self.scorer.stats.as_dict()
         local = [float(rewards.sum()), float(rewards.numel()), len(problems),
@@ -385,6 +430,7 @@ class Trainer:
             "loss/total": loss, "loss/grpo": loss_grpo, "loss/jsd": loss_jsd,
             "reward/mean": rsum / rnum, "cliffs": int(ncliff), "cliffs/distilled": int(nsel),
             "cliff_fraction": ncliff / nprob,
+            "cliffs/reinjected": sum(r["reinjected_from"] is not None for r in ledger_rows),
             "privileged/generated": int(gen_all), "privileged/kept": int(kept_all),
             "teacher_pass_rate": kept_all / gen_all if gen_all else None,
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
@@ -401,15 +447,47 @@ class Trainer:
     def validate(self, step: int) -> dict:
         t = time.time()
         mine = self.val_set[self.rank::self.world]
+        if self.rank == 0:
+            log.info("step %d: validating on %d problems x %d samples%s", step, len(self.val_set),
+                     self.cfg.eval.num_samples, " + greedy" if self.cfg.eval.greedy else "")
         seed_everything(self.cfg.seed, 10**6 + step, self.rank)
         with self.amp():
             _, records = score_problems(mine, self.generator, self.tok, self.scorer, self.cfg, "validation")
         counts = [c for part in dist.gather([r["num_correct"] for r in records]) for c in part]
         greedy = [g for part in dist.gather([r.get("greedy", {}).get("reward") for r in records]) for g in part]
         res = summarise(counts, greedy, self.cfg.eval.num_samples, self.cfg.eval.pass_k)
+        ids = [i for part in dist.gather([r["id"] for r in records]) for i in part]
+        if self.rank == 0:  # per-problem results: the report's paired bootstrap and held-out protocol need them
+            _append_rows(self.val_records_path, [{"step": step, "num_samples": self.cfg.eval.num_samples,
+                                                  "ids": ids, "num_correct": counts, "greedy": greedy}])
         return {"kind": "val", "step": step, **{f"val/{k}": v for k, v in res.items()},
                 "val/num_problems": len(counts), "val/num_samples": self.cfg.eval.num_samples,
                 "time/eval": round(time.time() - t, 3)}
+
+    def probe_cliffs(self, step: int) -> dict:
+        """The cliff probe: plain-prompt samples on the run's earliest former cliffs (eval.cliff_probe_problems)
+        -> metrics for the val row, and one record in val_problems.jsonl (set "cliff_probe")."""
+        limit = self.cfg.eval.cliff_probe_problems
+        former = cliff_ledger.former_cliffs(self.ledger, limit) if limit and step > 0 else []
+        if not former:
+            return {}
+        cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, greedy=False))
+        problems = [self.train_set[i] for i, _ in former]
+        seed_everything(self.cfg.seed, 2 * 10**6 + step, self.rank)
+        with self.amp():
+            _, records = score_problems(problems[self.rank::self.world], self.generator, self.tok, self.scorer, cfg,
+                                        "cliff_probe")
+        counts = [c for part in dist.gather([r["num_correct"] for r in records]) for c in part]
+        order = [i for r in range(self.world) for i in range(r, len(former), self.world)]  # gather order
+        former = [former[i] for i in order]
+        if self.rank == 0:
+            _append_rows(self.val_records_path, [{"step": step, "set": "cliff_probe", "num_samples": cfg.eval.num_samples,
+                                                  "ids": [self.train_set[i].id for i, _ in former],
+                                                  "indices": [i for i, _ in former],
+                                                  "cliff_steps": [s for _, s in former], "num_correct": counts}])
+        n = cfg.eval.num_samples
+        return {"probe/former_cliffs": len(counts), "probe/solved": sum(c > 0 for c in counts) / len(counts),
+                "probe/pass@1": sum(counts) / (n * len(counts))}
 
     def _track_best(self, row: dict, step: int) -> bool:
         improved = False
@@ -477,6 +555,12 @@ class Trainer:
             rows = [r for r in read_jsonl(self.metrics_path, drop_torn_tail=True) if r["step"] <= self.state.step]
             with atomic_path(self.metrics_path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for path in (self.ledger_path, self.val_records_path):
+            if self.rank == 0 and path.exists():
+                _trim_rows(path, self.state.step)
+        dist.barrier()
+        self.ledger = [r for r in read_jsonl(self.ledger_path) if r["step"] <= self.state.step] \
+            if self.ledger_path.exists() else []
         log.info("resumed from %s at step %d", self.ckpt_path, self.state.step)
         return True
 
@@ -507,6 +591,8 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if self.rank == 0:
             append_jsonl(self.metrics_path, row)
+            if self.tensorboard is not None:
+                self.tensorboard.log(row)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict:
@@ -516,24 +602,32 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             save_config(cfg, self.work_dir / "config.yaml")
+            self.tensorboard = make_tensorboard(cfg.checkpoint.tensorboard, self.work_dir / "tensorboard")
         if not (resume and self.load_checkpoint()):
-            if self.rank == 0 and self.metrics_path.exists():
-                self.metrics_path.unlink()
+            if self.rank == 0:
+                for path in (self.metrics_path, self.ledger_path, self.val_records_path):
+                    path.unlink(missing_ok=True)
+            self.ledger = []
             row = self.validate(0)
             self._log(row)
             if self._track_best(row, 0) and cfg.checkpoint.keep_best:
                 self.save_policy(self.work_dir / "policy_best", 0, "best")
         steps = cfg.grpo.max_num_steps
+        # a progress bar on a terminal; elsewhere (Snakemake logs, SLURM) one line per step
+        terminal = is_terminal()
         bar = tqdm(range(self.state.step, steps), initial=self.state.step, total=steps,
-                   disable=self.rank != 0, desc=cfg.run.method or "train", dynamic_ncols=True)
+                   disable=self.rank != 0 or not terminal, desc=cfg.run.method or "train", dynamic_ncols=True)
         for step in bar:
             row = self.train_step(step)
             self.state.step = step + 1
             self._log(row)
+            if self.rank == 0 and not terminal:
+                log.info("%s", step_line(row, steps))
             bar.set_postfix(reward=f"{row['reward/mean']:.3f}", cliffs=row["cliffs"],
                             kept=row["privileged/kept"], jsd=f"{row['loss/jsd']:.4f}")
             if self.state.step % cfg.eval.val_period == 0 or self.state.step == steps:
                 vrow = self.validate(self.state.step)
+                vrow.update(self.probe_cliffs(self.state.step))
                 self._log(vrow)
                 log.info("step %d validation: %s", self.state.step,
                          {k: v for k, v in vrow.items() if k.startswith("val/pass") or k == "val/greedy_acc"})
@@ -569,9 +663,16 @@ class Trainer:
                        "reward_stats": self.scorer.stats.as_dict(), "totals": _totals(rows)}
             with atomic_path(self.run_dir / "metrics.jsonl") as tmp:
                 shutil.copyfile(self.metrics_path, tmp)
+            ledger = read_jsonl(self.ledger_path, drop_torn_tail=True) if self.ledger_path.exists() else []
+            write_jsonl(self.run_dir / "cliffs.jsonl", ledger)
+            write_jsonl(self.run_dir / "val_problems.jsonl.gz",
+                        read_jsonl(self.val_records_path, drop_torn_tail=True) if self.val_records_path.exists() else [])
+            summary["cliff_ledger"] = cliff_ledger.summary(ledger)
             save_config(self.cfg, self.run_dir / "config.yaml")
             write_json(self.run_dir / "summary.json", summary)
         self.scorer.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self._lock is not None:
             self._lock.release()
         return summary
@@ -584,6 +685,21 @@ def _totals(rows: list[dict]) -> dict:
     out = {k: sum(r.get(k) or 0 for r in train) for k in keys}
     out["time/eval"] = sum(r.get("time/eval") or 0 for r in rows if r["kind"] == "val")
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _append_rows(path: Path, rows: list[dict]) -> None:
+    """Append JSONL rows and flush (like metrics.jsonl: a killed run keeps what it wrote)."""
+    with open(path, "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        fh.flush()
+
+
+def _trim_rows(path: Path, step: int) -> None:
+    """Drop rows written after the checkpoint's step (a resumed run writes them again); a torn last line (a
+    kill mid-append) is dropped like metrics.jsonl's."""
+    rows = [r for r in read_jsonl(path, drop_torn_tail=True) if r["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _mean_times(times: dict) -> dict:

@@ -87,7 +87,7 @@ def build_model(tokenizer_dir: Path, out: Path, device: str) -> None:
 
 
 def write_inputs(root: Path, model_dir: Path) -> None:
-    from hdpo.config import from_dict, save_config
+    from hdpo.config import from_dict, paper_methods, save_config
     from hdpo.io import write_jsonl
 
     probs = problems()
@@ -105,7 +105,7 @@ def write_inputs(root: Path, model_dir: Path) -> None:
         "eval": {"val_period": 2, "num_samples": 2, "pass_k": [1, 2], "reward_workers": 1},
         "checkpoint": {"save_period": 1},
         "benchmarks": {"toy": {"format": "math500", "file": "toy.jsonl"}},
-        "experiment": {"methods": ["grpo"], "benchmarks": ["toy"], "require_gpu": False},
+        "experiment": {"methods": paper_methods("grpo"), "benchmarks": ["toy"], "require_gpu": False},
     })
     save_config(cfg, root / "config.yaml")
 

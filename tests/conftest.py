@@ -121,7 +121,7 @@ def tiny_data(tmp_path) -> Path:
 
 def tiny_config(model_dir: Path, **overrides):
     """A run config for the tiny model: small, fast, weight decay off so untouched weights stay put."""
-    from hdpo.config import from_dict
+    from hdpo.config import from_dict, paper_methods
 
     base = {
         "seed": 1,
@@ -135,6 +135,6 @@ def tiny_config(model_dir: Path, **overrides):
         "eval": {"val_period": 2, "num_samples": 2, "pass_k": [1, 2], "reward_workers": 0},
         "checkpoint": {"save_period": 1},
         "benchmarks": {"toy": {"format": "math500", "file": "toy.jsonl"}},
-        "experiment": {"methods": ["grpo"], "benchmarks": ["toy"], "require_gpu": False},
+        "experiment": {"methods": paper_methods("grpo"), "benchmarks": ["toy"], "require_gpu": False},
     }
     return from_dict(base, overrides)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hdpo.config import from_dict, parse_method
+from hdpo.config import from_dict, paper_methods
 from hdpo.paper import PAPER_RESULTS
-from hdpo.report import (FIGURE_NAMES, MISSING, benchmarks_frame, method_label, table1_cells, table1_frame,
+from hdpo.report.tables import TABLE_FILES
+from hdpo.report import (FIGURE_NAMES, MISSING, benchmarks_frame, method_label, table1_cells, table1_frame,  # noqa
                          write_figures, write_tables)
 
 METHODS = ["grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.01"]
@@ -20,15 +21,15 @@ METHODS = ["grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.01"]
 
 def make_cfg(methods=METHODS, seeds=(42,), benchmarks=("math500", "aime24"), checkpoints=("final", "best")):
     return from_dict({"eval": {"pass_k": [1, 4, 8], "num_samples": 8},
-                      "experiment": {"methods": list(methods), "seeds": list(seeds), "benchmarks": list(benchmarks),
+                      "experiment": {"methods": paper_methods(*methods), "seeds": list(seeds), "benchmarks": list(benchmarks),
                                      "checkpoints": list(checkpoints)}})
 
 
 def make_run(results: Path, method: str, seed: int, steps: int = 120, val_period: int = 10, rng_seed: int = 0) -> list:
     """Write a synthetic metrics.jsonl + summary.json for one run; return the validation rows."""
     rng = random.Random(f"{method}-{seed}-{rng_seed}")
-    hdpo = parse_method(method)["hdpo.method"] == "hdpo"
-    lam = parse_method(method)["hdpo.distill_weight"]
+    lam = paper_methods(method)[method]["distill_weight"]
+    hdpo = lam > 0
     run = results / "runs" / f"{method}_seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     rows, vals = [], []
@@ -139,7 +140,7 @@ def test_tables_contain_every_method_and_paper_numbers(full):
     cfg, results, _ = full
     out = results / "tables"
     paths = write_tables(cfg, results, out)
-    assert {p.name for p in paths} == {f"{n}.{e}" for n in ("table1", "benchmarks") for e in ("csv", "md", "tex")}
+    assert {p.name for p in paths} == set(TABLE_FILES)
     for p in paths:
         assert p.stat().st_size > 0
     tidy = pd.read_csv(out / "table1.csv")

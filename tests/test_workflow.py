@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from hdpo import config as hdpo_config
+from hdpo.config import paper_methods
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
@@ -202,7 +203,15 @@ def test_bad_override_stops_in_one_line(tmp_path):
 
 def test_paper_grid(tmp_path):
     counts = dry_run(tmp_path, PAPER_CONFIG)
-    assert counts == {"prepare_data": 1, "train": 5, "evaluate": 5 * 3 * 2, "tables": 1, "figures": 1, "all": 1}
+    assert counts == {"prepare_data": 1, "train": 5, "evaluate": 5 * 3 * 2, "evaluate_base": 3, "tables": 1,
+                      "figures": 1, "all": 1}
+
+
+def test_two_seed_demo_grid(tmp_path):
+    """config/demo_seeds.yaml: GRPO and one HDPO method, two seeds each, the untrained model once per benchmark."""
+    counts = dry_run(tmp_path, REPO / "config" / "demo_seeds.yaml")
+    assert counts == {"prepare_data": 1, "train": 4, "evaluate": 4 * 2 * 2, "evaluate_base": 2, "tables": 1,
+                      "figures": 1, "all": 1}
 
 
 def test_method_targets_build_only_that_method(tmp_path):
@@ -236,7 +245,7 @@ def test_group_targets(tmp_path):
 def test_every_rule_and_target_is_listed(tmp_path):
     out = snakemake(tmp_path, "--list-rules", "--configfile", str(PAPER_CONFIG))
     rules = set(out.split())
-    assert {"all", "prepare_data", "train", "evaluate", "tables", "figures", "lambda_sweep",
+    assert {"all", "prepare_data", "train", "evaluate", "evaluate_base", "tables", "figures", "lambda_sweep",
             "teacher_ablation", *PAPER_METHODS} <= rules
 
 
@@ -310,7 +319,7 @@ def _tiny(**experiment) -> dict:
         "generation": {"backend": "transformers", "max_new_tokens": 8},
         "eval": {"num_samples": 2, "pass_k": [1, 2], "val_period": 1, "reward_workers": 0},
         "checkpoint": {"save_period": 1},
-        "experiment": {"methods": ["grpo", "hdpo_frozen_lambda0.1"], "seeds": [1], "benchmarks": ["math500"],
+        "experiment": {"methods": paper_methods("grpo", "hdpo_frozen_lambda0.1"), "seeds": [1], "benchmarks": ["math500"],
                        "checkpoints": ["final", "best"], "require_gpu": False, **experiment},
         "resources": {"train": {"gpu": 0}, "evaluate": {"gpu": 0}},
     }
@@ -346,7 +355,9 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
 
     snakemake(root, "--cores", "2", "--configfile", str(tiny), snakefile=snakefile)
     logs = root / "results" / "logs"
-    assert len(list((logs / "train").glob("*.log"))) == 2 and len(list((logs / "evaluate").rglob("*.log"))) == 4
+    assert len(list((logs / "train").glob("*.log"))) == 2 and len(list((logs / "evaluate").rglob("*.log"))) == 5
+    base = json.loads((root / "results" / "eval" / "base" / "math500.json").read_text())
+    assert base["model_step"] == 0 and base["checkpoint"] == "base" and base["num_problems"] == 2
     for run in ("grpo_seed1", "hdpo_frozen_lambda0.1_seed1"):
         rows = [json.loads(l) for l in (root / "results" / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
@@ -354,9 +365,24 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
         for ckpt in ("final", "best"):
             result = json.loads((root / "results" / "eval" / run / ckpt / "math500.json").read_text())
             assert result["num_problems"] == 2 and 0.0 <= result["pass@1"] <= 1.0
-    for name in ("val_passk", "cliffs", "lambda_tradeoff", "benchmarks"):
+    from hdpo.report.figures import FIGURE_NAMES
+    from hdpo.report.tables import TABLE_FILES
+
+    for name in FIGURE_NAMES:
         for ext in ("png", "pdf"):
             assert (root / "figures" / f"{name}.{ext}").stat().st_size > 0
+    assert all((root / "results" / "tables" / f).stat().st_size > 0 for f in TABLE_FILES)
+    assert "base model (step 0)" in (root / "results" / "tables" / "benchmarks.md").read_text()
+    assert "[" in (root / "results" / "tables" / "validation.md").read_text()  # intervals from per-problem records
+    assert "p=" in (root / "results" / "tables" / "differences.md").read_text()  # paired against GRPO
+    # the shareable report: every figure and table CSV inside, with captions
+    snakemake(root, "--cores", "1", "--configfile", str(tiny), "--report", "report.zip", snakefile=snakefile)
+    import zipfile
+
+    with zipfile.ZipFile(root / "report.zip") as z:
+        names = z.namelist()
+    assert all(any(n.endswith(f"/{f}.png") for n in names) for f in FIGURE_NAMES)
+    assert all(any(n.endswith(f"/{t}.csv") for n in names) for t in ("table1", "validation", "differences"))
     from hdpo.report import method_label
 
     methods = ("grpo", "hdpo_frozen_lambda0.1")
@@ -371,15 +397,23 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     same = write_config(root / "same.yaml", _tiny())
     assert plan(same) == {}
 
-    # code edits: the trainer's module reruns nothing; the style file only figures; report.py both report rules
+    # code edits: the trainer's module reruns nothing; the style file or figures.py only figures; tables.py only
+    # tables; the report's shared modules both
     _edit(root / "hdpo" / "train.py")
     assert plan() == {}
     _edit(root / "hdpo" / "plot_style.mplstyle")
     assert plan(tiny, "figures") == {"figures": 1}
     assert plan() == {"figures": 1, "all": 1}
-    _edit(root / "hdpo" / "report.py")
-    assert plan() == {"tables": 1, "figures": 1, "all": 1}
     snakemake(root, "--cores", "2", "--configfile", str(tiny), "figures", snakefile=snakefile)
+    assert plan() == {}
+    _edit(root / "hdpo" / "report" / "tables.py")
+    assert plan() == {"tables": 1, "all": 1}
+    _edit(root / "hdpo" / "report" / "figures.py")
+    assert plan() == {"tables": 1, "figures": 1, "all": 1}
+    assert plan(tiny, "figures") == {"figures": 1}
+    _edit(root / "hdpo" / "report" / "frames.py")
+    assert plan(tiny, "tables") == {"tables": 1}
+    snakemake(root, "--cores", "2", "--configfile", str(tiny), "tables", "figures", snakefile=snakefile)
     assert plan() == {}
 
     # the grid grows: only new jobs (plus the report)
@@ -387,7 +421,7 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
         "train": 2, "evaluate": 4, "tables": 1, "figures": 1, "all": 1}
     # a new benchmark: new data files and evaluations, no retraining
     assert plan(write_config(root / "bench.yaml", _tiny(benchmarks=["math500", "aime24"]))) == {
-        "prepare_data": 1, "evaluate": 4, "tables": 1, "figures": 1, "all": 1}
+        "prepare_data": 1, "evaluate": 4, "evaluate_base": 1, "tables": 1, "figures": 1, "all": 1}
     # a new method: its run only
     assert plan(write_config(root / "method.yaml", _tiny(methods=["grpo", "hdpo_frozen_lambda0.1",
                                                                   "hdpo_drifting_lambda0.1"]))) == {
@@ -443,8 +477,8 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     # evaluation settings rerun evaluations and training (validation runs inside training), not the data
     ev = _tiny()
     ev["eval"]["temperature"] = 0.6
-    assert plan(write_config(root / "eval.yaml", ev)) == {"train": 2, "evaluate": 4, "tables": 1, "figures": 1,
-                                                          "all": 1}
+    assert plan(write_config(root / "eval.yaml", ev)) == {"train": 2, "evaluate": 4, "evaluate_base": 1,
+                                                          "tables": 1, "figures": 1, "all": 1}
     # forcing a retrain
     assert plan(tiny, extra=("--forcerun", "train")) == {"train": 2, "evaluate": 4, "tables": 1, "figures": 1,
                                                          "all": 1}

@@ -226,16 +226,25 @@ def work_dir(wildcards, input) -> str:
 
 # --- targets -----------------------------------------------------------------------------------------------
 DATA_DIR = "results/data"
-CODE = {name: _display_path(REPO / "hdpo" / name) for name in ("report.py", "paper.py", "plot_style.mplstyle")}
-TABLE_NAMES = ["table1", "benchmarks"]
-FIGURE_NAMES = ["val_passk", "cliffs", "lambda_tradeoff", "benchmarks"]
-TABLES = [f"results/tables/{n}.{ext}" for n in TABLE_NAMES for ext in ("csv", "md", "tex")]
+# The report's code per job (rules/report.smk): tables and figures rerun when code they import changes.
+_REPORT_COMMON = ["report/__init__.py", "report/names.py", "report/frames.py", "stats.py", "paper.py", "passk.py"]
+CODE = {
+    "tables": [_display_path(REPO / "hdpo" / f) for f in _REPORT_COMMON + ["report/tables.py", "ledger.py"]],
+    "figures": [_display_path(REPO / "hdpo" / f) for f in _REPORT_COMMON + ["report/figures.py",
+                                                                           "plot_style.mplstyle"]],
+}
+TABLE_NAMES = ["table1", "validation", "differences", "benchmarks"]  # each as .csv (the truth), .md, .tex
+TABLES = [f"results/tables/{n}.{ext}" for n in TABLE_NAMES for ext in ("csv", "md", "tex")] + [
+    "results/tables/benchmarks_intervals.csv", "results/tables/cliffs.csv", "results/tables/cliffs.md"]
+FIGURE_NAMES = ["val_passk", "training", "cliffs", "cliff_recovery", "passk_curve", "lambda_sweep", "forest",
+                "benchmarks"]
 FIGURES = [f"figures/{n}.{ext}" for n in FIGURE_NAMES for ext in ("png", "pdf")]
 
 
 def run_files(run: str) -> list[str]:
     """The aggregated files of one training run (what the report reads; never the checkpoints)."""
-    return [f"results/runs/{run}/metrics.jsonl", f"results/runs/{run}/summary.json"]
+    return [f"results/runs/{run}/metrics.jsonl", f"results/runs/{run}/summary.json",
+            f"results/runs/{run}/cliffs.jsonl", f"results/runs/{run}/val_problems.jsonl.gz"]
 
 
 def eval_files(run: str) -> list[str]:
@@ -249,6 +258,26 @@ def runs_of(methods) -> list[str]:
 def targets_of(methods) -> list[str]:
     """Every run of these methods (all seeds) and its benchmark evaluations."""
     return [f for run in runs_of(methods) for f in run_files(run) + eval_files(run)]
+
+
+# What the report rules read, and report() around what a reader opens (rules/report.smk).
+BASE_EVAL = [f"results/eval/base/{b}.{ext}" for b in BENCHMARKS for ext in ("json", "samples.jsonl.gz")]
+REPORT_INPUTS = [f for run in RUNS for f in run_files(run) + eval_files(run)] + [
+    f.replace(".json", ".samples.jsonl.gz") for run in RUNS for f in eval_files(run)] + BASE_EVAL
+
+
+def _reported(paths, kind):
+    """report() around what a reader opens (CSV tables, PNG figures), each with its caption file."""
+    out = []
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if kind == "tables" and path.endswith(".csv"):
+            out.append(report(path, caption="../report/tables.rst", category="Tables", labels={"table": name}))
+        elif kind == "figures" and path.endswith(".png"):
+            out.append(report(path, caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}))
+        else:
+            out.append(path)
+    return out
 
 
 # Groups, from the records' fields (records with extra `settings` differ in more than lambda or teacher, so

@@ -27,3 +27,31 @@ rule evaluate:
         "{params.python} -m hdpo evaluate --config {params.config:q} --model {input.model:q} --method {params.method}"
         " --benchmark {wildcards.bench}"
         " --data {params.data:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"
+
+
+# evaluate_base: the untrained model (step 0) on one benchmark, a row of its own in the benchmark tables.
+rule evaluate_base:
+    input:
+        data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
+    output:
+        result="results/eval/base/{bench}.json",
+        samples="results/eval/base/{bench}.samples.jsonl.gz",
+    params:
+        settings=lambda wildcards: _json({"eval": json.loads(evaluate_settings(wildcards)), "seed": CFG.seed}),
+        config=configfile_arg,
+        python=python_arg,
+        data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
+    log:
+        "results/logs/evaluate/base/{bench}.log",
+    benchmark:
+        "results/benchmarks/evaluate/base/{bench}.tsv"
+    conda:
+        CONDA_ENV
+    threads: resource("evaluate", "threads")
+    resources:
+        gpu=resource("evaluate", "gpu"),
+        mem_mb=resource("evaluate", "mem_mb"),
+        runtime=resource("evaluate", "runtime"),
+    shell:
+        "{params.python} -m hdpo evaluate --config {params.config:q} --base --benchmark {wildcards.bench}"
+        " --data {params.data:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"

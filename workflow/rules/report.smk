@@ -1,15 +1,17 @@
-# Tables and figures read only aggregated files (metrics.jsonl, summary.json, eval JSONs), never checkpoints,
-# so they regenerate in seconds. Their code files are inputs: editing hdpo/report.py or hdpo/paper.py reruns
-# tables and figures, editing the style file reruns figures only; nothing upstream reruns.
-REPORT_INPUTS = [f for run in RUNS for f in run_files(run) + eval_files(run)]
+# Tables and figures read only aggregated files (metrics.jsonl, cliffs.jsonl, val_problems.jsonl.gz, summary.json,
+# eval JSONs and their per-problem samples), never checkpoints, so they regenerate in seconds. Each rule lists as
+# inputs the code files it imports (CODE in common.smk): editing hdpo/report/tables.py reruns the tables only,
+# hdpo/report/figures.py or the style file the figures only, the shared modules both; nothing upstream reruns.
+# Every table CSV and figure PNG is wrapped in report() with a caption: `snakemake --report report.zip` (after a
+# run) is the shareable result.
 
 
 rule tables:
     input:
         results=REPORT_INPUTS,
-        code=[CODE["report.py"], CODE["paper.py"]],
+        code=CODE["tables"],
     output:
-        TABLES,
+        _reported(TABLES, "tables"),
     params:
         settings=report_settings(),
         config=configfile_arg,
@@ -35,10 +37,9 @@ rule tables:
 rule figures:
     input:
         results=REPORT_INPUTS,
-        table="results/tables/table1.csv",  # the DAG runs tables -> figures: a broken table stops first
-        code=[CODE["report.py"], CODE["paper.py"], CODE["plot_style.mplstyle"]],
+        code=CODE["figures"],
     output:
-        FIGURES,
+        _reported(FIGURES, "figures"),
     params:
         settings=report_settings(),
         config=configfile_arg,

@@ -11,6 +11,8 @@ rule train:
     output:
         metrics="results/runs/{method}_seed{seed}/metrics.jsonl",
         summary="results/runs/{method}_seed{seed}/summary.json",
+        cliffs="results/runs/{method}_seed{seed}/cliffs.jsonl",
+        val_problems="results/runs/{method}_seed{seed}/val_problems.jsonl.gz",
         config="results/runs/{method}_seed{seed}/config.yaml",
         final=directory("results/runs/{method}_seed{seed}/policy_final"),
         best=directory("results/runs/{method}_seed{seed}/policy_best"),

@@ -1,0 +1,119 @@
+"""The report's intervals, paired differences, selections, base-model rows and cliff tables on synthetic result
+files with per-problem records (tests/synthetic_results.py), checked against direct computations."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import synthetic_results as syn
+from hdpo.passk import pass_at_k
+from hdpo.report.frames import (bench_interval_frame, difference_frame, heldout_halves, interval_frame, select,
+                                val_scores)
+from hdpo.report.tables import write_tables
+from hdpo.stats import paired_difference
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    cfg = syn.config()
+    counts = syn.write_all(root / "results", cfg)
+    return cfg, root / "results", counts
+
+
+def _pass1(counts, step, n=8):
+    return np.array([pass_at_k(n, c, 1) for c in counts[step]])
+
+
+def test_best_final_and_base_rows_match_the_records(grid):
+    cfg, results, counts = grid
+    iv = interval_frame(cfg, results, n_boot=200)
+    row = lambda m, sel: iv[(iv["method"] == m) & (iv["selection"] == sel) & (iv["metric"] == "pass@1")].iloc[0]
+    for m in cfg.experiment.methods:
+        finals = np.stack([_pass1(counts[(m, s)], 40) for s in cfg.experiment.seeds])
+        assert row(m, "final")["estimate"] == pytest.approx(finals.mean())
+        assert row(m, "final")["steps"] == "40/40" and row(m, "final")["n_seeds"] == 2
+        # best: each seed's own step of highest mean pass@1 (the first one on ties)
+        best_steps = []
+        for s in cfg.experiment.seeds:
+            means = {st: _pass1(counts[(m, s)], st).mean() for st in sorted(counts[(m, s)])}
+            best_steps.append(max(means, key=lambda st: (means[st], -st)))
+        assert row(m, "best")["steps"] == "/".join(map(str, best_steps))
+        r = row(m, "best")
+        assert r["low"] <= r["estimate"] <= r["high"]
+    base = row("base", "step 0")
+    assert base["steps"] == "0" and base["n_seeds"] == 1
+    assert base["estimate"] == pytest.approx(_pass1(counts[("grpo", 1)], 0).mean())
+
+
+def test_held_out_selects_on_one_half_and_reports_the_other():
+    pick, report = heldout_halves([f"p{i}" for i in range(10)])
+    assert len(pick) == 5 and set(pick).isdisjoint(report) and sorted(pick + report) == list(range(10))
+    m = np.zeros((3, 10))
+    m[1, pick] = 1.0  # step 1 looks best on the selection half only
+    m[2, report] = 0.5
+    t, cols = select(m, "held-out", (pick, report))
+    assert t == 1 and cols == report and m[t, cols].mean() == 0.0  # the honest answer: no gain on the rest
+    assert select(m, "best", (pick, report))[0] == 1 and select(m, "final", (pick, report))[0] == 2
+
+
+def test_paired_differences_against_a_direct_computation(grid):
+    cfg, results, counts = grid
+    diffs = difference_frame(cfg, results, n_boot=500)
+    assert set(diffs["method"]) == set(cfg.experiment.methods) - {"grpo"}
+    r = diffs[(diffs["method"] == "hdpo_frozen_lambda0.1") & (diffs["selection"] == "final")
+              & (diffs["metric"] == "pass@1")].iloc[0]
+    a = np.stack([_pass1(counts[("hdpo_frozen_lambda0.1", s)], 40) for s in (1, 2)])
+    b = np.stack([_pass1(counts[("grpo", s)], 40) for s in (1, 2)])
+    ref = paired_difference(a, b, n_boot=500, seed=0)
+    assert (r["estimate"], r["low"], r["high"], r["p_value"]) == pytest.approx(
+        (ref.estimate, ref.low, ref.high, ref.p_value))
+    assert r["low"] > 0 and r["p_value"] < 0.01  # the built-in +0.15 effect is found
+    assert r["paper_h200"] == pytest.approx(0.6304 - 0.6519)
+    null = diffs[(diffs["method"] == "hdpo_drifting_lambda0.01") & (diffs["selection"] == "final")
+                 & (diffs["metric"] == "pass@1")].iloc[0]
+    assert null["low"] < 0 < null["high"]  # no built-in effect: the interval holds 0
+
+
+def test_tables_mark_the_untrained_best_and_keep_precision_honest(grid, tmp_path):
+    cfg, results, _ = grid
+    write_tables(cfg, results, tmp_path)
+    bench = (tmp_path / "benchmarks.md").read_text()
+    grpo_row = next(l for l in bench.splitlines() if l.startswith("| GRPO baseline"))
+    assert grpo_row.rstrip(" |").endswith("0 (untrained)")  # its best checkpoint is the step-0 model
+    assert "| base model (step 0) |" in bench
+    ci = bench_interval_frame(cfg, results, n_boot=200)
+    assert bool(ci[(ci["method"] == "grpo") & (ci["checkpoint"] == "best")]["untrained"].all())
+    assert not ci[(ci["method"] == "grpo") & (ci["checkpoint"] == "final")]["untrained"].any()
+    # 20 benchmark problems: intervals ~ +-0.1, so 2 or 3 decimals, never the 4 of a point estimate
+    cells = [c.strip() for c in grpo_row.split("|")[2:-1]]
+    assert all(len(c.split(" [")[0].split(".")[-1]) <= 3 for c in cells if "[" in c)
+    val = (tmp_path / "validation.md").read_text()
+    assert "held-out" in val and "| base model (step 0) |" in val
+    diffs = (tmp_path / "differences.md").read_text()
+    assert "p=" in diffs and "HDPO frozen, λ=0.1" in diffs
+    cliffs = json.loads(json.dumps((tmp_path / "cliffs.csv").read_text()))
+    assert "grpo" in cliffs and "teacher_pass_rate" in cliffs
+
+
+def test_runs_without_per_problem_records_keep_point_estimates(tmp_path):
+    cfg = syn.config(methods=["grpo"], seeds=[1])
+    syn.write_run(tmp_path / "results", "grpo", 1)
+    (tmp_path / "results" / "runs" / "grpo_seed1" / "val_problems.jsonl.gz").unlink()
+    assert val_scores(cfg, tmp_path / "results") == {}
+    write_tables(cfg, tmp_path / "results", tmp_path / "t")
+    assert "No per-problem validation records yet" in (tmp_path / "t" / "validation.md").read_text()
+    assert "[" not in (tmp_path / "t" / "table1.md").read_text().split("| GRPO baseline")[1].splitlines()[0]
+
+
+def test_every_figure_renders_with_a_zero_bar(tmp_path):
+    from hdpo.report.figures import FIGURE_NAMES, write_figures
+
+    cfg = syn.config(methods=["grpo", "hdpo_frozen_lambda0.1"], seeds=[1], benchmarks=["math500"])
+    syn.write_all(tmp_path / "results", cfg, n_problems=20, bench_problems=6)
+    syn.write_eval(tmp_path / "results", "base", "base", "math500", np.zeros(6), 0, 0)  # scores exactly 0
+    paths = write_figures(cfg, tmp_path / "results", tmp_path / "fig")
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{e}" for n in FIGURE_NAMES for e in ("png", "pdf"))
+    assert all(p.stat().st_size > 0 for p in paths)
