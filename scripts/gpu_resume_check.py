@@ -82,9 +82,10 @@ def build_model(tokenizer_dir: Path, out: Path, device: str) -> None:
         attn[i, :len(p) + len(r)] = 1
         target[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)  # position t predicts token t + 1
     ids, attn, target = ids.to(device), attn.to(device), target.to(device)
-    for _ in range(140):
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    keep = target != -100
+    for _ in range(140):  # the vocabulary projection only where a response token is predicted (fast on CPU)
+        hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), target[keep])
         opt.zero_grad()
         loss.backward()
         opt.step()
