@@ -57,8 +57,6 @@ def build_model(tokenizer_dir: Path, out: Path, device: str) -> None:
 
     from hdpo.config import SYSTEM_PROMPT
     from hdpo.data import build_messages, render_prompt
-    from hdpo.losses import token_logprobs
-    from hdpo.train import response_logits
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -75,9 +73,19 @@ def build_model(tokenizer_dir: Path, out: Path, device: str) -> None:
             responses.append(tok(f"The answer is \\boxed{{{answer}}}", add_special_tokens=False).input_ids
                              + [tok.eos_token_id])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(140):
-        logits, mask, ids = response_logits(model, prompts, responses, tok.pad_token_id)
-        loss = -(token_logprobs(logits, ids[..., None]).squeeze(-1) * mask).sum() / mask.sum()
+    # one right-padded batch; the loss on the response tokens only (teacher-forced)
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    attn, target = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, :len(p) + len(r)] = 1
+        target[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)  # position t predicts token t + 1
+    ids, attn, target = ids.to(device), attn.to(device), target.to(device)
+    keep = target != -100
+    for _ in range(140):  # the vocabulary projection only where a response token is predicted (fast on CPU)
+        hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), target[keep])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,6 +181,11 @@ def main() -> None:
         for f in faults:
             train(root, name, f)
         print(f"{name}: {len(faults)} process(es), {time.time() - t:.1f} s", flush=True)
+    from hdpo.io import read_jsonl
+
+    train_rows = [r for r in read_jsonl(root / "runs" / "reference" / "metrics.jsonl") if r["kind"] == "train"]
+    if not any(r["grad_norm"] for r in train_rows) or not any(r["privileged/kept"] for r in train_rows):
+        print("WARNING: the reference run has no gradient or no kept privileged rollout: the check is weak")
     result = {"device": device, "repeat_vs_reference": compare(root, "repeat", "reference"),
               "killed_vs_reference": compare(root, "killed", "reference"), "total_s": round(time.time() - t0, 1)}
     print(json.dumps(result, indent=2))
