@@ -95,7 +95,7 @@ def build_model(tokenizer_dir: Path, out: Path, device: str) -> None:
 
 
 def write_inputs(root: Path, model_dir: Path) -> None:
-    from hdpo.config import from_dict, paper_methods, save_config
+    from hdpo.config import from_dict, save_config
     from hdpo.io import write_jsonl
 
     probs = problems()
@@ -106,14 +106,14 @@ def write_inputs(root: Path, model_dir: Path) -> None:
         "model": {"name": str(model_dir), "dtype": "float32", "max_total_sequence_length": 512},
         "grpo": {"num_prompts_per_step": 2, "num_generations_per_prompt": 4, "max_num_steps": 4,
                  "micro_batch_size": 4},
-        "hdpo": {"method": "hdpo", "distill_weight": 1.0, "teacher": "drifting", "privileged_info": "answer",
-                 "max_cliff_prompts_per_step": 2, "topk_logits_k": 16},
+        "hdpo": {"privileged_info": "answer", "max_cliff_prompts_per_step": 2, "topk_logits_k": 16},
         "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0},
         "generation": {"backend": "transformers", "max_new_tokens": 12, "batch_size": 16},
         "eval": {"val_period": 2, "num_samples": 2, "pass_k": [1, 2], "reward_workers": 1},
         "checkpoint": {"save_period": 1},
         "benchmarks": {"toy": {"format": "math500", "file": "toy.jsonl"}},
-        "experiment": {"methods": paper_methods("grpo"), "benchmarks": ["toy"], "require_gpu": False},
+        "experiment": {"methods": {"hdpo": {"label": "HDPO, drifting, λ=1", "teacher": "drifting", "distill_weight": 1.0}},
+                       "benchmarks": ["toy"], "require_gpu": False},
     })
     save_config(cfg, root / "config.yaml")
 
@@ -125,7 +125,7 @@ def train(root: Path, name: str, fault: str | None = None) -> int:
         env["HDPO_FAULT"] = fault
     cmd = [sys.executable, "-m", "hdpo", "train", "--config", str(root / "config.yaml"), "--data",
            str(root / "data"), "--run-dir", str(root / "runs" / name), "--work-dir", str(root / "work" / name),
-           "--model-cache", str(root / "models"), "--resume"]
+           "--model-cache", str(root / "models"), "--method", "hdpo", "--resume"]
     with open(root / f"{name}.log", "a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
     expected = -signal.SIGKILL if fault else 0
