@@ -479,7 +479,7 @@ def test_slurm_profile_dry_run_gives_train_jobs_one_8_gpu_node(tmp_path):
         res = re.search(r"^\s+resources: (.*)$", block, re.M)
         if m and res:
             blocks.setdefault(m.group(1), []).append((block, res.group(1)))
-    assert len(blocks["train"]) == 5 and len(blocks["evaluate"]) == 30
+    assert len(blocks["train"]) == 6 and len(blocks["evaluate"]) == 36
     for block, res in blocks["train"]:
         assert re.search(r"\bgpu=8\b", res) and "nodes=1" in res and "runtime=2880" in res, res
         assert "slurm_account=acct42" in res and "slurm_partition=gpupart" in res, res

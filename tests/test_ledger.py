@@ -135,7 +135,7 @@ def test_expand_then_sharpen_reinjects_and_resumes_to_the_same_ledger(tiny_model
 def test_one_log_line_per_step_off_a_terminal(tiny_model_dir, tmp_path, caplog):
     data = _data(tmp_path, {"7", "8"})
     with caplog.at_level(logging.INFO, logger="hdpo.train"):
-        _run(tmp_path, tiny_model_dir, "log", data, **{"hdpo.method": "grpo"})
+        _run(tmp_path, tiny_model_dir, "log", data, **{"hdpo.distill_weight": 0.0})
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "/2 reward" in r.getMessage()]
     assert [l.split()[1] for l in lines] == ["1/2", "2/2"]
     assert any("validating on 2 problems x 2 samples" in r.getMessage() for r in caplog.records)

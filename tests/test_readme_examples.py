@@ -23,7 +23,7 @@ def test_readme_yaml_examples_load_over_the_paper_config():
     for block in blocks:
         from_dict(deep_merge(paper, block))
     methods = deep_merge(paper, _yaml_blocks(REPO / "README.md")[0])["experiment"]["methods"]
-    assert len(methods) == 6  # the example adds a record to the paper's five
+    assert len(methods) == 7  # the example adds a record to the paper's five and expand-then-sharpen
     run = run_config(deep_merge(paper, _yaml_blocks(REPO / "README.md")[0]), "hdpo_topk8", 1)
     assert (run.hdpo.topk_logits_k, run.hdpo.distill_weight, run.run.label) == (8, 0.1, "HDPO drifting, λ=0.1, top-8")
 

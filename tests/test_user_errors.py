@@ -168,7 +168,7 @@ def test_unset_data_dir_names_the_variable(tmp_path):
     (lambda c: c["experiment"].__setitem__("methods", {"a": {"label": "A", "distill_weight": 0.1,
                                                              "settings": {"hdpo.topk_logit_k": 3}}}),
      "experiment.methods.a.settings: hdpo.topk_logit_k: unknown key"),
-    (lambda c: c["experiment"].__setitem__("methods", ["grpo", "hdpo_warm_lambda0.1"]), "experiment.methods[1]"),
+    (lambda c: c["experiment"].__setitem__("methods", ["grpo", "hdpo_warm_lambda0.1"]), "not a list of names"),
     (lambda c: c["benchmarks"].__setitem__("x", {"path": "x.jsonl", "answer_pattern": "(#"}),
      "benchmarks.x.answer_pattern"),
 ])

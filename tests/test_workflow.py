@@ -166,8 +166,8 @@ def test_partial_override_file_keeps_the_papers_setup(tmp_path):
     part.write_text("grpo:\n  max_num_steps: 5\n")
     out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(part))
     blocks = _job_blocks(out, "train")
-    assert len(blocks) == 5 and all(re.search(r"resources: .*\bgpu=8\b", b) for b in blocks)
-    assert out.count("--nproc_per_node=8 -m hdpo train") == 5
+    assert len(blocks) == 6 and all(re.search(r"resources: .*\bgpu=8\b", b) for b in blocks)
+    assert out.count("--nproc_per_node=8 -m hdpo train") == 6
     merged = _merged_config_of(tmp_path, out)
     assert merged["grpo"]["max_num_steps"] == 5 and merged["grpo"]["num_prompts_per_step"] == 32
     assert merged["model"]["name"] == "Qwen/Qwen2.5-Math-1.5B-Instruct" and merged["resources"]["train"]["gpu"] == 8
@@ -203,13 +203,14 @@ def test_bad_override_stops_in_one_line(tmp_path):
 
 def test_paper_grid(tmp_path):
     counts = dry_run(tmp_path, PAPER_CONFIG)
-    assert counts == {"prepare_data": 1, "train": 5, "evaluate": 5 * 3 * 2, "evaluate_base": 3, "tables": 1,
+    # the paper's five methods and expand-then-sharpen
+    assert counts == {"prepare_data": 1, "train": 6, "evaluate": 6 * 3 * 2, "evaluate_base": 3, "tables": 1,
                       "figures": 1, "all": 1}
 
 
 def test_two_seed_demo_grid(tmp_path):
     """config/demo_seeds.yaml: GRPO and one HDPO method, two seeds each, the untrained model once per benchmark."""
-    counts = dry_run(tmp_path, REPO / "config" / "demo_seeds.yaml")
+    counts = dry_run(tmp_path, REPO / "config" / "demo.yaml", extra=(str(REPO / "config" / "demo_seeds.yaml"),))
     assert counts == {"prepare_data": 1, "train": 4, "evaluate": 4 * 2 * 2, "evaluate_base": 2, "tables": 1,
                       "figures": 1, "all": 1}
 
@@ -270,10 +271,10 @@ def _job_blocks(out: str, rule: str) -> list[str]:
 def test_train_jobs_ask_for_8_gpus_under_torchrun(tmp_path):
     out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(PAPER_CONFIG))
     blocks = _job_blocks(out, "train")
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     for block in blocks:
         assert re.search(r"resources: .*\bgpu=8\b", block), block
-    assert out.count("-m torch.distributed.run --standalone --nproc_per_node=8 -m hdpo train") == 5
+    assert out.count("-m torch.distributed.run --standalone --nproc_per_node=8 -m hdpo train") == 6
     for block in _job_blocks(out, "evaluate"):
         assert re.search(r"resources: .*\bgpu=1\b", block), block
     # a smaller machine scales the job down (and the launcher with it)
@@ -293,7 +294,7 @@ def test_cpu_config_trains_without_torchrun(tmp_path):
 def test_local_profile(tmp_path):
     out = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow" / "profiles" / "local"),
                     "--configfile", str(PAPER_CONFIG))
-    assert job_counts(out)["train"] == 5
+    assert job_counts(out)["train"] == 6
     for block in _job_blocks(out, "evaluate"):
         assert re.search(r"\bevaluations=1\b", block), block
 

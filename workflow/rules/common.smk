@@ -164,13 +164,21 @@ def train_settings(wildcards) -> str:
     return _json(d)
 
 
-def evaluate_settings(wildcards) -> str:
-    raw = _method_raw(RUN_METHOD[wildcards.run])
+def _evaluate_settings(raw: dict, bench: str) -> str:
     d = _sections(raw, "model", "generation", "eval")
     d.get("eval", {}).pop("val_period", None)
     d["system_prompt"] = (raw.get("data") or {}).get("system_prompt")
-    d["benchmark"] = _benchmark_spec(wildcards.bench)
+    d["benchmark"] = _benchmark_spec(bench)
     return _json(d)
+
+
+def evaluate_settings(wildcards) -> str:
+    return _evaluate_settings(_method_raw(RUN_METHOD[wildcards.run]), wildcards.bench)
+
+
+def base_evaluate_settings(wildcards) -> str:
+    """The untrained model's evaluation: the config's own model, sampling and seed, no method."""
+    return _json({"eval": json.loads(_evaluate_settings(_RAW, wildcards.bench)), "seed": CFG.seed})
 
 
 def report_settings() -> str:

@@ -37,7 +37,7 @@ rule evaluate_base:
         result="results/eval/base/{bench}.json",
         samples="results/eval/base/{bench}.samples.jsonl.gz",
     params:
-        settings=lambda wildcards: _json({"eval": json.loads(evaluate_settings(wildcards)), "seed": CFG.seed}),
+        settings=base_evaluate_settings,
         config=configfile_arg,
         python=python_arg,
         data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
