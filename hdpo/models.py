@@ -128,8 +128,19 @@ def load_model(name: str, dtype: str, device: torch.device | None = None, traina
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    # non-reentrant: works with inputs that need no grad and keeps autocast and RNG state in the recompute
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # non-reentrant: works with inputs that need no grad and keeps autocast and RNG state in the recompute.
+    # transformers >= 5.2x names it activation_checkpointing_*, older releases gradient_checkpointing_*.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_activation_checkpointing(model: torch.nn.Module) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None) or \
+        getattr(model, "gradient_checkpointing_disable", None)
+    if disable is not None:
+        disable()
 
 
 def autocast(device: torch.device, dtype: str):

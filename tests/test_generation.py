@@ -522,3 +522,19 @@ def test_half_precision_generation_copy_is_refreshed_by_update_weights(tiny, pol
         assert not torch.equal(p, stale[n])
     out = gen.generate(prompts_for(tok)[:1], 2, Sampling(max_new_tokens=3))
     assert len(out[0]) == 2 and all(len(r.logprobs) == len(r.response_ids) for r in out[0])
+
+
+def test_generation_copy_drops_activation_checkpointing_but_the_master_keeps_it():
+    """The sampler's copy never backwards: recomputation hooks there only cost decode time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hdpo.generation import generation_copy
+    from hdpo.models import enable_activation_checkpointing
+
+    master = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2))
+    enable_activation_checkpointing(master)
+    copy = generation_copy(master, "bfloat16", devices=("cpu",))
+    assert copy is not master and next(copy.parameters()).dtype == torch.bfloat16
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in copy.modules())
+    assert any(getattr(m, "gradient_checkpointing", False) for m in master.modules())
