@@ -54,24 +54,7 @@ BOOT_SEED = 0
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl rows; a malformed line (e.g. cut by a crash) is skipped with a warning naming file and row."""
-    rows = []
-    try:
-        with open(path) as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    logger.warning("%s: row %d: not valid JSON (%s); skipped", path, i, err.msg)
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-                else:
-                    logger.warning("%s: row %d: not a JSON object; skipped", path, i)
-    except FileNotFoundError:
-        return []
-    return rows
+    return read_records(path)
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -311,6 +294,8 @@ def read_records(path: Path) -> list[dict]:
                     continue
                 if isinstance(row, dict):
                     rows.append(row)
+                else:
+                    logger.warning("%s: row %d: not a JSON object; skipped", path, i)
     except (OSError, EOFError) as err:  # a truncated gzip file
         logger.warning("%s: unreadable (%s); rows after the damage skipped", path, err)
     return rows
