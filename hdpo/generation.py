@@ -87,35 +87,10 @@ def sample_seeds(seeds: Optional[list[int]], num_prompts: int, n: int) -> list[i
     return [stream_seed(s, j) for s in seeds for j in range(n)]
 
 
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    """A 32-bit integer hash (Wellons' lowbias32), on Python ints or int64 tensors holding values < 2**32: an
-    int64 product may wrap, but its low 32 bits, all that is kept, are exact."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def uniform_noise(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), [rows, vocab], a pure function of (row seed, step, token id): counter-based, so one
-    batched op draws every row's noise, a row's draws do not depend on its batch-mates, and CPU and GPU give
-    the same numbers."""
-    base = _mix32(row_seeds + _mix32(step + 0x9E3779B9))  # [rows]
-    ids = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
-    x = _mix32(base[:, None] ^ ((ids * 0x9E3779B1) & _M32)[None, :])
-    return (x.to(torch.float64) + 0.5) / 2.0**32  # float64: in float32 the largest would round to 1.0
-
-
 class _Sampler(LogitsProcessor):
     """Draws each row's next token itself, from the model's raw logits, and hands `generate` (greedy) a
-    one-hot score so it takes exactly that token. Each row's noise is a pure function of (its seed, the step,
-    the token id) (`uniform_noise`, counter-based, one batched op for all rows), so its draws do not depend on
-    the other rows, and CPU and GPU draw the same noise. The draw is the Gumbel-max trick: argmax of
+    one-hot score so it takes exactly that token. Each row has its own torch.Generator (on the model's device),
+    so its draws do not depend on the other rows. The draw is the Gumbel-max trick: argmax of
     log_softmax(logits / T) + Gumbel noise (a fresh noise vector per row and step), which samples
     softmax(logits / T) exactly and, unlike an inverse-CDF draw over a cumulative sum of the whole vocabulary,
     moves only if round-off changes the order of the two best perturbed scores. It records
@@ -126,7 +101,7 @@ class _Sampler(LogitsProcessor):
                  device: torch.device = torch.device("cpu")):
         self.s, self.width, self.eos_id = s, width, eos_id
         self.limits = torch.tensor(limits, device=device)
-        self.seeds = torch.tensor([_mix32(x) for x in seeds], dtype=torch.int64, device=device)
+        self.gens = None if s.greedy else [torch.Generator(device=device).manual_seed(x) for x in seeds]
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -142,8 +117,10 @@ class _Sampler(LogitsProcessor):
                 sp, order = logp.exp().sort(-1, descending=True)
                 drop_sorted = (sp.cumsum(-1) - sp) >= self.s.top_p
                 perturbed = logp.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-            gumbel = -torch.log(-torch.log(uniform_noise(self.seeds, t, logp.shape[-1])))
-            chosen = (perturbed + gumbel.float()).argmax(-1)
+            # one stream per row (on CPU several times cheaper than a counter-based hash of (seed, step, token))
+            u = torch.stack([torch.rand(logp.shape[-1], generator=g, device=g.device) for g in self.gens])
+            gumbel = -torch.log(-torch.log(u.to(logp.device).clamp(1e-20, 1.0 - 1e-7)))
+            chosen = (perturbed + gumbel).argmax(-1)
         self.steps.append(logp.gather(-1, chosen[:, None]).squeeze(-1))
         chosen = torch.where(self.limits <= t, torch.full_like(chosen, self.eos_id), chosen)  # no host sync
         out = torch.full_like(scores, float("-inf"))

@@ -277,22 +277,3 @@ def test_identical_checkpoints_give_identical_rows_through_the_cli(random_model_
     assert numbers and all(a[k] == b[k] for k in numbers)
     assert a["method"] != b["method"]
 
-
-def test_counter_based_noise_matches_a_pure_python_reference_and_is_uniform():
-    """uniform_noise is the lowbias32 hash of (row seed, step, token id), element by element as plain Python
-    computes it (so any device gives the same draws), and its values are uniform on (0, 1)."""
-    from hdpo.generation import _mix32, uniform_noise
-
-    seeds = [12345, 2**31 - 1, 0]
-    u = uniform_noise(torch.tensor([_mix32(s) for s in seeds], dtype=torch.int64), 7, 50)
-    for r, s in enumerate(seeds):
-        base = _mix32(_mix32(s) + _mix32(7 + 0x9E3779B9))
-        for v in (0, 1, 31, 49):
-            x = _mix32(base ^ ((v * 0x9E3779B1) & 0xFFFFFFFF))
-            assert u[r, v].item() == (x + 0.5) / 2.0**32
-    big = uniform_noise(torch.tensor([_mix32(s) for s in range(64)], dtype=torch.int64), 3, 4096).flatten()
-    assert 0.0 < big.min() and big.max() < 1.0
-    counts = torch.histc(big.float(), bins=10, min=0.0, max=1.0)
-    expected = big.numel() / 10
-    assert ((counts - expected) ** 2 / expected).sum() < 40  # chi-square, 9 dof: p < 1e-5 for a broken hash
-    assert not torch.equal(uniform_noise(torch.tensor([1]), 0, 64), uniform_noise(torch.tensor([1]), 1, 64))
