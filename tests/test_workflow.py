@@ -254,12 +254,12 @@ def test_more_seeds_benchmarks_and_methods_add_jobs(tmp_path):
     cfg = paper_config()
     cfg["experiment"]["seeds"] = [42, 43]
     counts = dry_run(tmp_path, write_config(tmp_path / "seeds.yaml", cfg))
-    assert counts["train"] == 10 and counts["evaluate"] == 60
+    assert counts["train"] == 12 and counts["evaluate"] == 72  # six methods (five + expand-then-sharpen)
     cfg["experiment"]["methods"]["hdpo_frozen_lambda0.5"] = {"label": "HDPO frozen, λ=0.5", "teacher": "frozen",
                                                              "distill_weight": 0.5}
     cfg["experiment"]["benchmarks"] = ["math500"]
     counts = dry_run(tmp_path, write_config(tmp_path / "more.yaml", cfg))
-    assert counts["train"] == 12 and counts["evaluate"] == 6 * 2 * 1 * 2
+    assert counts["train"] == 14 and counts["evaluate"] == 7 * 2 * 1 * 2
     assert "rule hdpo_frozen_lambda0.5" in snakemake(
         tmp_path, "-n", "--cores", "1", "--configfile", str(tmp_path / "more.yaml"), "hdpo_frozen_lambda0.5")
 
@@ -424,8 +424,8 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     assert plan(write_config(root / "bench.yaml", _tiny(benchmarks=["math500", "aime24"]))) == {
         "prepare_data": 1, "evaluate": 4, "evaluate_base": 1, "tables": 1, "figures": 1, "all": 1}
     # a new method: its run only
-    assert plan(write_config(root / "method.yaml", _tiny(methods=["grpo", "hdpo_frozen_lambda0.1",
-                                                                  "hdpo_drifting_lambda0.1"]))) == {
+    assert plan(write_config(root / "method.yaml", _tiny(methods=paper_methods(
+            "grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1")))) == {
         "train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
 
     # hyperparameters: the learning rate retrains everything downstream, from step 0 (a new checkpoint folder,

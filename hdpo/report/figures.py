@@ -239,6 +239,10 @@ def _fig_cliff_recovery(cfg: Config, results_dir: Path):
     ax_probe.set_xlabel("training step")
     ax_probe.set_ylabel("fraction with a correct\nplain-prompt sample")
     ax_probe.set_ylim(-0.02, 1.02)
+    lo, hi = ax_probe.get_xlim()
+    if drawn and hi - lo < 2:  # one validation step: room for integer ticks around it
+        mid = round((lo + hi) / 2)
+        ax_probe.set_xlim(mid - 1, mid + 1)
     ax_probe.xaxis.set_major_locator(MaxNLocator(integer=True))
     # (a) former cliffs met again later with the plain prompt, and how many were solved then
     x = np.arange(len(methods))
