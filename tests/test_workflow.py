@@ -384,9 +384,10 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
         names = z.namelist()
     assert all(any(n.endswith(f"/{f}.png") for n in names) for f in FIGURE_NAMES)
     assert all(any(n.endswith(f"/{t}.csv") for n in names) for t in ("table1", "validation", "differences"))
-    from hdpo.report import method_label
+    from hdpo.report import method_label, methods_of
 
     methods = ("grpo", "hdpo_frozen_lambda0.1")
+    methods_of(hdpo_config.from_dict({"experiment": {"methods": paper_methods(*methods)}}))  # labels from records
     assert all(m in (root / "results" / "tables" / "table1.csv").read_text() for m in methods)
     assert all(method_label(m) in (root / "results" / "tables" / "table1.md").read_text() for m in methods)
     assert all(method_label(m, "tex") in (root / "results" / "tables" / "table1.tex").read_text() for m in methods)
