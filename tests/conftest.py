@@ -61,6 +61,19 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes started by one CLI run (they inherit its HDPO_TEST_TAG; zombies show no environment)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"HDPO_TEST_TAG={tag}".encode() in fh.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def tiny_problems():
     from hdpo.data import Problem
 

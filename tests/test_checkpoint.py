@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tagged_processes
 
 from hdpo import checkpoint as ckpt
 from hdpo import io as hio
@@ -240,18 +241,6 @@ def test_lock_is_exclusive_between_processes_and_freed_by_sigkill(tmp_path):
 
 # --- reward workers die with their parent ---------------------------------------------------------------
 
-def _tagged(tag: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"HDPO_TEST_TAG={tag}".encode() in fh.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def test_reward_workers_die_when_their_parent_is_sigkilled():
     tag = uuid.uuid4().hex
     code = ("from hdpo.reward import RewardScorer\nimport time\n"
@@ -262,11 +251,11 @@ def test_reward_workers_die_when_their_parent_is_sigkilled():
                               env={**os.environ, "HDPO_TEST_TAG": tag, "PYTHONPATH": str(REPO)})
     try:
         assert parent.stdout.readline().strip() == "ready"
-        assert len(_tagged(tag)) >= 3  # the parent, its workers (and the resource tracker)
+        assert len(tagged_processes(tag)) >= 3  # the parent, its workers (and the resource tracker)
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     deadline = time.time() + 15
-    while _tagged(tag) and time.time() < deadline:
+    while tagged_processes(tag) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _tagged(tag)
+    assert not tagged_processes(tag)

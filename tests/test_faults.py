@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config, tiny_problems
+from conftest import tagged_processes, tiny_config, tiny_problems
 from hdpo.checkpoint import RunLock
 from hdpo.config import save_config
 from hdpo.io import read_jsonl, write_jsonl
@@ -39,19 +39,6 @@ def root(tiny_model_dir, tmp_path_factory) -> Path:
     return root
 
 
-def _tagged(tag: str) -> list[int]:
-    """Live processes started by one CLI run (they inherit its HDPO_TEST_TAG; zombies show no environment)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"HDPO_TEST_TAG={tag}".encode() in fh.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def hdpo_train(root: Path, name: str, fault: str | None = None, settings: tuple[str, ...] = (),
                run_dir: Path | None = None) -> subprocess.CompletedProcess:
     """One `hdpo train --resume` run; afterwards no process it started may be alive (waits up to 15 s for the
@@ -69,9 +56,9 @@ def hdpo_train(root: Path, name: str, fault: str | None = None, settings: tuple[
         cmd += ["--set", *settings]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     deadline = time.time() + 15
-    while _tagged(tag) and time.time() < deadline:
+    while tagged_processes(tag) and time.time() < deadline:
         time.sleep(0.2)
-    left = _tagged(tag)
+    left = tagged_processes(tag)
     assert not left, f"processes of the run outlived it: {left}\n{proc.stderr[-3000:]}"
     return proc
 
