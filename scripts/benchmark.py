@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from hdpo.losses import grpo_token_loss_sum, token_logprobs, topk_jsd
+from hdpo.train import response_logits
 
 
 def full_jsd(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -114,46 +115,27 @@ def generation_phases(hidden: int = 256, layers: int = 4, vocab: int = 8192, new
     return out
 
 
-# --- baseline: today's (pre-chunking) full-logits path, copied so the ratio survives later changes ---------
-
-def baseline_token_logprobs(logits, ids):
-    logits = logits.float()
-    return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
-def baseline_response_logits(model, prompts, responses, pad_id):
-    device = next(model.parameters()).device
-    B, W, T = len(prompts), max(map(len, prompts)), max(map(len, responses))
-    ids = torch.full((B, W + T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, W + T), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, W - len(p):W] = torch.tensor(p)
-        ids[i, W:W + len(r)] = torch.tensor(r)
-        attn[i, W - len(p):W + len(r)] = 1
-    positions = (attn.cumsum(-1) - 1).clamp_min(0)
-    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=T + 1).logits
-    return logits[:, :-1], attn[:, W:].to(logits.dtype), ids[:, W:]
-
+# --- baseline: the full-logits path the trainer used before chunking. hdpo.train.response_logits and
+# hdpo.losses.token_logprobs stay in the package as the reference the chunked path is tested equal to.
 
 def baseline_grpo_microbatch(model, chunk, n_grpo, amp):
     with amp():
-        logits, mask, ids = baseline_response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], 0)
-    lp = baseline_token_logprobs(logits, ids.unsqueeze(-1)).squeeze(-1)
+        logits, mask, ids = response_logits(model, [c[0] for c in chunk], [c[1] for c in chunk], 0)
+    lp = token_logprobs(logits, ids.unsqueeze(-1)).squeeze(-1)
     adv = torch.tensor([c[2] for c in chunk], device=lp.device)
     (grpo_token_loss_sum(lp, lp.detach(), adv, mask, 0.2, 0.2) / n_grpo).backward()
 
 
 def baseline_distill_microbatch(model, chunk, n_distill, amp):
     with amp():
-        logits, mask, _ = baseline_response_logits(model, [c.prompt_ids for c in chunk],
+        logits, mask, _ = response_logits(model, [c.prompt_ids for c in chunk],
                                                    [c.response_ids for c in chunk], 0)
     T, k = logits.shape[1], chunk[0].topk_ids.shape[-1]
     t_vals = torch.zeros(len(chunk), T, k, device=logits.device)
     t_ids = torch.zeros(len(chunk), T, k, dtype=torch.long, device=logits.device)
     for j, c in enumerate(chunk):
         t_vals[j, :len(c.response_ids)], t_ids[j, :len(c.response_ids)] = c.topk_logits, c.topk_ids
-    student = baseline_token_logprobs(logits, t_ids)
+    student = token_logprobs(logits, t_ids)
     (0.1 * (topk_jsd(t_vals, student) * mask).sum() / n_distill).backward()
 
 
@@ -202,8 +184,8 @@ def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, re
         with amp():
             if impl == "baseline":
                 logits = hidden @ weight.T
-                lp = baseline_token_logprobs(logits, ids)
-                jsd = topk_jsd(t_vals, baseline_token_logprobs(logits, t_ids))
+                lp = token_logprobs(logits, ids)
+                jsd = topk_jsd(t_vals, token_logprobs(logits, t_ids))
             else:
                 lp = chunked_token_logprobs(hidden, weight, None, ids)
                 jsd = chunked_topk_jsd(hidden, weight, None, t_ids, t_vals)
