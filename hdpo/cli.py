@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-resume", action="store_true", help="leave out the kill/resume run")
     p.add_argument("--skip-checkpoint", action="store_true", help="leave out the timed checkpoint write")
     p.add_argument("--gen-baseline", action="store_true",
-                   help="also measure generation from the float32 master under autocast")
+                   help="also measure transformers' own generate on the same bf16 copy, and ours from the "
+                        "float32 master under autocast (baselines in the same run)")
     p.add_argument("--gen-batch", type=int, default=None, help="generation batch (default 256; tiny 8)")
     p.add_argument("--gen-new", type=int, default=None, help="new tokens per sequence (default 256; tiny 16)")
 

@@ -13,9 +13,10 @@ tokens, the distribution the trainer's log-probs use (before the top-p cut; the 
 Seeds: every sample draws from its own random stream, a pure function of (the prompt's seed, the sample's
 index). `generate(..., seeds=...)` gives one seed per prompt (evaluation: from (seed, benchmark, problem),
 `problem_seed`); without seeds they are drawn from torch's RNG, which the trainer seeds per step and rank.
-So which tokens a sample gets does not depend on the batch it shares, the batch size, the job order or the
-number of ranks, up to float round-off in batched forwards (a draw moves only when round-off swaps its two
-best Gumbel-perturbed scores: rare), and given the device (CPU and CUDA random streams differ).
+So which tokens a sample gets does not depend on the batch it shares, the batch size, the job order, the
+number of ranks or the device, up to float round-off in the forward (a draw moves only when round-off moves
+the row's cumulative probability across its uniform: rare; the uniforms come from CPU generators on every
+device). `Generator.generate_then` adds follow-up rollouts whose seeds are the prompt's too.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ import hashlib
 import logging
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LogitsProcessor, LogitsProcessorList
+
+from hdpo.decode import Decoded, Request, decode
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ class Generator:
     def update_weights(self, model: torch.nn.Module) -> None:
         """Called after every optimizer step with the updated policy."""
 
+    def generate_then(self, prompts: list[str], n: int, sampling: Sampling,
+                      then: Callable[[int, list[Rollout]], Optional[str]], m: int,
+                      seeds: Optional[list[int]] = None) -> tuple[list[list[Rollout]], dict[int, list[Rollout]]]:
+        """n rollouts per prompt, and m rollouts of a follow-up prompt for each prompt i where `then(i, its
+        rollouts)` returns one (HDPO: the privileged prompt of a cliff). Returns (the groups, {i: follow-ups}).
+        A prompt's follow-ups draw from its second seed (`follow_seed`), so which prompts get follow-ups, and
+        when, changes no sample. This default runs the two phases one after the other; the transformers backend
+        overlaps them (same samples)."""
+        seeds = prompt_seeds(seeds, len(prompts))
+        groups = self.generate(prompts, n, sampling, seeds)
+        asks = {i: q for i, g in enumerate(groups) if (q := then(i, g)) is not None}
+        keys = sorted(asks)
+        more = self.generate([asks[i] for i in keys], m, sampling, [follow_seed(seeds[i]) for i in keys]) if keys else []
+        return groups, dict(zip(keys, more))
+
 
 # --- seeds ------------------------------------------------------------------------------------------------
 
@@ -78,68 +94,34 @@ def problem_seed(seed: int, benchmark: str, problem_id: str) -> int:
     return stream_seed(seed, benchmark, str(problem_id))
 
 
-def sample_seeds(seeds: Optional[list[int]], num_prompts: int, n: int) -> list[int]:
-    """One seed per sample, prompt-major (sample j of prompt i at i * n + j)."""
-    if seeds is None:  # from torch's RNG, which the trainer seeds per (seed, step, rank)
+def prompt_seeds(seeds: Optional[list[int]], num_prompts: int) -> list[int]:
+    """One seed per prompt: `seeds` checked, or drawn from torch's RNG (seeded by the trainer per step and rank)."""
+    if seeds is None:
         seeds = torch.randint(0, 2**31 - 1, (num_prompts,)).tolist()
     if len(seeds) != num_prompts:
         raise ValueError(f"{len(seeds)} seeds for {num_prompts} prompts")
-    return [stream_seed(s, j) for s in seeds for j in range(n)]
+    return list(seeds)
 
 
-class _Sampler(LogitsProcessor):
-    """Draws each row's next token itself, from the model's raw logits, and hands `generate` (greedy) a
-    one-hot score so it takes exactly that token. Each row has its own torch.Generator (on the model's device),
-    so its draws do not depend on the other rows. The draw is the Gumbel-max trick: argmax of
-    log_softmax(logits / T) + Gumbel noise (a fresh noise vector per row and step), which samples
-    softmax(logits / T) exactly and, unlike an inverse-CDF draw over a cumulative sum of the whole vocabulary,
-    moves only if round-off changes the order of the two best perturbed scores. It records
-    log_softmax(logits / T) of the chosen token, and ends a row with EOS once it reaches its own length limit
-    (that EOS is cut off again: the row's room is its own prompt's, not the padded batch's)."""
+def sample_seeds(seeds: Optional[list[int]], num_prompts: int, n: int) -> list[int]:
+    """One seed per sample, prompt-major (sample j of prompt i at i * n + j)."""
+    return [stream_seed(s, j) for s in prompt_seeds(seeds, num_prompts) for j in range(n)]
 
-    def __init__(self, s: Sampling, seeds: list[int], width: int, limits: list[int], eos_id: int,
-                 device: torch.device = torch.device("cpu")):
-        self.s, self.width, self.eos_id = s, width, eos_id
-        self.limits = torch.tensor(limits, device=device)
-        self.gens = None if s.greedy else [torch.Generator(device=device).manual_seed(x) for x in seeds]
-        self.steps: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float()
-        t = input_ids.shape[1] - self.width  # tokens generated so far
-        if self.s.greedy:
-            logp = torch.log_softmax(logits, dim=-1)
-            chosen = logp.argmax(-1)
-        else:
-            logp = torch.log_softmax(logits / self.s.temperature, dim=-1)
-            perturbed = logp
-            if self.s.top_p < 1.0:  # keep the most likely tokens whose mass before them is below top_p
-                sp, order = logp.exp().sort(-1, descending=True)
-                drop_sorted = (sp.cumsum(-1) - sp) >= self.s.top_p
-                perturbed = logp.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-            # one stream per row (on CPU several times cheaper than a counter-based hash of (seed, step, token))
-            u = torch.stack([torch.rand(logp.shape[-1], generator=g, device=g.device) for g in self.gens])
-            gumbel = -torch.log(-torch.log(u.to(logp.device).clamp(1e-20, 1.0 - 1e-7)))
-            chosen = (perturbed + gumbel).argmax(-1)
-        self.steps.append(logp.gather(-1, chosen[:, None]).squeeze(-1))
-        chosen = torch.where(self.limits <= t, torch.full_like(chosen, self.eos_id), chosen)  # no host sync
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, chosen[:, None], 0.0)
-
-    def logprobs(self, batch: int) -> torch.Tensor:
-        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(batch, 0)
+def follow_seed(seed: int) -> int:
+    """The seed of a prompt's follow-up rollouts (`Generator.generate_then`), apart from its own samples'."""
+    return stream_seed(seed, "follow-up")
 
 
 class TransformersGenerator(Generator):
-    """Batched `model.generate` with left padding, stopping at EOS; sampling by `_Sampler`.
+    """The transformers backend: `hdpo.decode.decode`, continuous batching of up to `batch_size` rows.
 
     Speed on GPU: when the policy keeps float32 master weights and the config's dtype is bf16/fp16, sampling
     runs on a copy of the policy in that dtype (no autocast casts per decoding step; 2.5x the tokens/s of the
     float32 module under autocast at batch 256), refreshed by `update_weights` after every optimizer step.
-    Prompts are sorted by length before they are cut into batches, so a long (privileged) prompt pads and
-    limits only prompts of similar length; each sample keeps its own seed, so the order changes no draw. A
-    prompt that leaves no room under `max_total_length` gets an empty, unfinished rollout and a warning (as
-    the vLLM backend does), never the run killed.
+    Prompts are queued longest first, so rows that share a step have similar lengths; each sample keeps its
+    own seed, so the order changes no draw. A prompt that leaves no room under `max_total_length` gets an
+    empty, unfinished rollout and a warning (as the vLLM backend does), never the run killed.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_total_length: int,
@@ -148,6 +130,7 @@ class TransformersGenerator(Generator):
         self.batch_size, self.max_total_length = batch_size, max_total_length
         self.model = generation_copy(model, dtype)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def update_weights(self, model: torch.nn.Module) -> None:
         if self.model is model:
@@ -157,75 +140,101 @@ class TransformersGenerator(Generator):
             for name, p in model.named_parameters():
                 mine[name].copy_(p)  # cast into the copy's dtype in place
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[list[Rollout]]:
-        ids = self.tok(prompts, add_special_tokens=False).input_ids
-        flat_seeds = sample_seeds(seeds, len(prompts), n)
-        out = self.generate_ids([p for p in ids for _ in range(n)], sampling, flat_seeds)  # a prompt's n together
-        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+        groups, _ = self.generate_then(prompts, n, sampling, lambda i, g: None, 0, seeds)
+        return groups
 
-    @torch.no_grad()
     def generate_ids(self, prompt_ids: list[list[int]], sampling: Sampling,
                      seeds: Optional[list[int]] = None) -> list[Rollout]:
         """One rollout per prompt (token ids), in the order given; `seeds`: one per rollout (None: from torch)."""
         seeds = sample_seeds(seeds, len(prompt_ids), 1) if seeds is None else seeds
-        out: list[Optional[Rollout]] = [None] * len(prompt_ids)
-        todo = []
-        for i, p in enumerate(prompt_ids):
-            if len(p) >= self.max_total_length:
-                log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
-                            "its rollout is empty", len(p), self.max_total_length)
-                out[i] = Rollout(list(p), [], [], "", False)
-            else:
-                todo.append(i)
-        todo.sort(key=lambda i: -len(prompt_ids[i]))  # length buckets; stable, so a group's samples stay together
+        return self._run([(list(p), s) for p, s in zip(prompt_ids, seeds)], sampling)
+
+    def generate_then(self, prompts, n, sampling, then, m, seeds=None):
+        """As `Generator.generate_then`, in one decode loop: a prompt's follow-ups are queued as soon as its n
+        rollouts are done, and share decoding steps with the rollouts still running."""
+        seeds = prompt_seeds(seeds, len(prompts))
+        ids = self.tok(prompts, add_special_tokens=False).input_ids
+        jobs = [(ids[i], stream_seed(s, j)) for i, s in enumerate(seeds) for j in range(n)]
+        groups: dict[int, list] = {}
+        follow: dict[int, list[Rollout]] = {}
+        index: list[tuple[str, int]] = []  # job -> (plain | follow, prompt)
+
+        def on_done(done: list[tuple[int, Rollout]]) -> list[tuple[list[int], int]]:
+            more = []
+            for job, r in done:
+                kind, i = index[job]
+                group = (groups if kind == "plain" else follow).setdefault(i, [])
+                group.append((job, r))
+                if kind == "plain" and len(group) == n:
+                    q = then(i, [x for _, x in sorted(group, key=lambda t: t[0])])
+                    if q is not None:
+                        q_ids = self.tok(q, add_special_tokens=False).input_ids
+                        more += [(q_ids, stream_seed(follow_seed(seeds[i]), j)) for j in range(m)]
+                        index.extend([("follow", i)] * m)
+            return more
+
+        index.extend(("plain", i) for i in range(len(prompts)) for _ in range(n))
+        self._run(jobs, sampling, on_done)
+        plain = [[r for _, r in sorted(groups.get(i, []), key=lambda t: t[0])] for i in range(len(prompts))]
+        return plain, {i: [r for _, r in sorted(g, key=lambda t: t[0])] for i, g in sorted(follow.items())}
+
+    @torch.no_grad()
+    def _run(self, jobs: list[tuple[list[int], int]], s: Sampling, on_done=None) -> list[Rollout]:
+        """Rollouts of (prompt ids, seed) jobs; `on_done(list of (job, rollout))` may return more jobs."""
+        jobs = list(jobs)
+        out: dict[int, Rollout] = {}
+        order: list[int] = []  # the job of each of decode's requests, in decode's order
+
+        def too_long(job: int) -> bool:
+            p = jobs[job][0]
+            if len(p) < self.max_total_length:
+                return False
+            log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
+                        "its rollout is empty", len(p), self.max_total_length)
+            out[job] = Rollout(list(p), [], [], "", False)
+            return True
+
+        def request(job: int) -> Request:
+            p, seed = jobs[job]
+            order.append(job)
+            return Request(p, min(s.max_new_tokens, self.max_total_length - len(p)), seed)
+
+        def settle(rolls: list[tuple[int, Rollout]]) -> list[Request]:
+            """Tell `on_done`; its new jobs become requests (an over-long one is done at once: tell again)."""
+            new = []
+            while rolls and on_done is not None:
+                added, rolls = on_done(rolls) or [], []
+                for p, seed in added:
+                    jobs.append((list(p), seed))
+                    if too_long(len(jobs) - 1):
+                        rolls.append((len(jobs) - 1, out[len(jobs) - 1]))
+                    else:
+                        new.append(request(len(jobs) - 1))
+            return new
+
+        def finished(done: list[tuple[int, Decoded]]) -> list[Request]:
+            rolls = []
+            for k, d in done:
+                job = order[k]
+                out[job] = Rollout(list(jobs[job][0]), d.response_ids, d.logprobs,
+                                   self.tok.decode(d.response_ids, skip_special_tokens=True), d.finished)
+                rolls.append((job, out[job]))
+            return settle(rolls)
+
+        short = [j for j in range(len(jobs)) if not too_long(j)]
+        short.sort(key=lambda j: -len(jobs[j][0]))  # length buckets; stable, so a group's samples stay together
+        requests = [request(j) for j in short]
+        requests += settle([(j, out[j]) for j in range(len(jobs)) if j in out])
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(todo), self.batch_size):
-                batch = todo[start:start + self.batch_size]
-                done = self._generate_batch([prompt_ids[i] for i in batch], [seeds[i] for i in batch], sampling)
-                for i, r in zip(batch, done):
-                    out[i] = r
+            decode(self.model, requests, s.temperature, s.top_p, s.greedy, self.batch_size, self.eos_ids,
+                   self.pad_id, finished)
         finally:
             self.model.train(was_training)
-        return out
-
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], s: Sampling) -> list[Rollout]:
-        device = next(self.model.parameters()).device
-        width = max(map(len, prompts))
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_ids[0]
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: generation appends on the right
-            input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p):] = 1
-        limits = [min(s.max_new_tokens, self.max_total_length - len(p)) for p in prompts]  # >= 1: see generate_ids
-        # Nothing inherited: transformers fills every field `generate` is not given from the model's own
-        # generation config (a checkpoint's repetition_penalty, top_k, no_repeat_ngram_size, ...), so the
-        # model's config is swapped for a bare one while generating, and `_Sampler` is the only processor.
-        bare = HFGenerationConfig(do_sample=False, max_new_tokens=max(limits), eos_token_id=self.eos_ids,
-                                  pad_token_id=pad)
-        sampler = _Sampler(s, seeds, width, limits, self.eos_ids[0], device)
-        own = self.model.generation_config
-        self.model.generation_config = HFGenerationConfig(eos_token_id=self.eos_ids, pad_token_id=pad)
-        try:
-            seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                       generation_config=bare, logits_processor=LogitsProcessorList([sampler]))
-        finally:
-            self.model.generation_config = own
-        logprobs = sampler.logprobs(len(prompts)).cpu()
-        responses = seqs[:, width:].cpu()
-        rollouts = []
-        for i, p in enumerate(prompts):
-            ids = responses[i, :limits[i]].tolist()
-            end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
-            finished = end is not None
-            ids = ids[:end + 1] if finished else ids
-            rollouts.append(Rollout(list(p), ids, logprobs[i, :len(ids)].tolist(),
-                                    self.tok.decode(ids, skip_special_tokens=True), finished))
-        return rollouts
+        return [out[j] for j in range(len(jobs))]
 
 
 def generation_copy(model: torch.nn.Module, dtype: Optional[str], devices: tuple[str, ...] = ("cuda",)

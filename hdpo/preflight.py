@@ -175,37 +175,45 @@ def measure_update(model, cfg: Config, device: torch.device, budget: Optional[in
 
 
 def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_tokens: int,
-                       half_copy: bool = True) -> dict:
-    """Tokens/s of the transformers backend on random prompt ids (no EOS in practice: random weights)."""
+                       engine: str = "ours") -> dict:
+    """Tokens/s on random prompt ids (no EOS in practice: random weights). `engine`: "ours" (the transformers
+    backend: hdpo.decode on the bf16 copy), "hf_generate" (transformers' own `generate` sampling from the same
+    bf16 copy: the library's baseline) or "fp32_autocast" (ours on the float32 master under autocast)."""
     from hdpo.generation import Sampling, TransformersGenerator, generation_copy
 
     V = model.config.vocab_size
     gen = TransformersGenerator(model, IdTokenizer(V), batch, prompt_len + new_tokens)
-    if half_copy:
-        gen.model = generation_copy(model, cfg.model.dtype)
-    else:  # the float32 master under autocast (the path before the bf16 copy)
-        gen.model = model
+    gen.model = model if engine == "fp32_autocast" else generation_copy(model, cfg.model.dtype)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, V - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     s = Sampling(cfg.generation.temperature, cfg.generation.top_p, new_tokens)
     device = next(model.parameters()).device
     from hdpo.models import autocast
 
-    with autocast(device, cfg.model.dtype):
+    def run() -> int:
+        if engine != "hf_generate":
+            return sum(len(r.response_ids) for r in gen.generate_ids(prompts, s))
+        ids = torch.tensor(prompts, device=device)
+        gen.model.eval()  # as ours samples: no activation checkpointing (which turns transformers' cache off)
+        out = gen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 top_p=s.top_p, temperature=s.temperature, max_new_tokens=new_tokens,
+                                 eos_token_id=V - 1, pad_token_id=0)
+        return int((out[:, prompt_len:] != 0).sum())
+
+    with autocast(device, cfg.model.dtype), torch.no_grad():
         # Warm-up with the measured shapes: the first generation of a process pays once for kernel selection
         # and allocator growth at every new length (measured on an H100: 3.5k tokens/s on a first run, 7.1k
         # on a second of the same shape).
-        gen.generate_ids(prompts, s)
+        run()
         _sync(device)
         t = time.perf_counter()
-        out = gen.generate_ids(prompts, s)
+        tokens = run()
         _sync(device)
     seconds = time.perf_counter() - t
-    tokens = sum(len(r.response_ids) for r in out)
     copy_dtype = str(next(gen.model.parameters()).dtype).replace("torch.", "")
     del gen
-    return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "generated": tokens,
-            "seconds": seconds, "tokens_per_s": tokens / seconds, "weights": copy_dtype}
+    return {"engine": engine, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+            "generated": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "weights": copy_dtype}
 
 
 def measure_checkpoint(model, optimizer, work_dir: Path) -> dict:
@@ -400,10 +408,11 @@ def preflight(cfg: Config, work_dir: Path, tiny: Optional[bool] = None, resume_c
         torch.cuda.set_per_process_memory_fraction(1.0)
     gb = gen_batch or (256 if not tiny else 8)
     gn = gen_new or (256 if not tiny else 16)
-    gens = {"bf16_copy": measure_generation(model, cfg, gb, gen_prompt if not tiny else 16, gn, half_copy=True)}
+    gp = gen_prompt if not tiny else 16
+    gens = {"bf16_copy": measure_generation(model, cfg, gb, gp, gn)}
     if gen_baseline:
-        gens["fp32_autocast"] = measure_generation(model, cfg, gb, gen_prompt if not tiny else 16, gn,
-                                                   half_copy=False)
+        for engine in ("hf_generate", "fp32_autocast"):
+            gens[engine] = measure_generation(model, cfg, gb, gp, gn, engine)
     verdict["generation"] = gens
     verdict["estimate"] = estimate_hours(cfg, upd, gens["bf16_copy"])
     verdict["fits"] = upd["fits"] and verdict.get("resume", {"ok": True})["ok"]

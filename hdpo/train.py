@@ -38,7 +38,7 @@ from hdpo import ledger as cliff_ledger
 from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
-from hdpo.generation import Sampling, make_generator
+from hdpo.generation import Sampling, follow_seed, make_generator, prompt_seeds
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
 from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
                            plan_micro_batches, response_hidden)
@@ -308,16 +308,31 @@ class Trainer:
         times, t = {}, time.time()
         problems = self._my_problems(step)
 
-        # 1. rollouts on the plain prompt
+        # 1. rollouts on the plain prompt; 2. rewards; 5. privileged rollouts on cliffs. When the cap cannot cut
+        # the cliffs (cap >= prompts per step, the paper's setting) and the policy samples both, one decode loop
+        # runs both: a cliff's privileged rollouts start as soon as its K rollouts are scored, beside the rollouts
+        # still running (same samples as the two phases one after the other: Generator.generate_then).
+        answers = [p.answer for p in problems]
+        stats_before = self.scorer.stats.as_dict()
+        group_rewards: dict[int, list[float]] = {}
+        overlap = (self.hdpo_on and self.priv_generator is self.generator
+                   and h.max_cliff_prompts_per_step >= cfg.grpo.num_prompts_per_step)
+
+        def cliff_then(i: int, group: list) -> Optional[str]:
+            group_rewards[i] = self.scorer.score([r.text for r in group], [answers[i]] * K)
+            return self._prompt(problems[i], h.privileged_info) if overlap and (
+                sum(group_rewards[i]) <= h.cliff_reward_sum) else None
+
+        M = cfg.privileged_rollouts
+        seeds = prompt_seeds(None, len(problems))  # from torch's RNG, seeded per (seed, step, rank)
         with self.amp():
-            groups = self.generator.generate([self._prompt(p) for p in problems], K, self.sampling)
+            groups, early = self.generator.generate_then([self._prompt(p) for p in problems], K, self.sampling,
+                                                         cliff_then, M, seeds)
         faults.hit("rollout")
         times["rollout"], t = time.time() - t, time.time()
         # 2. rewards and leave-one-out advantages
         flat = [r for g in groups for r in g]
-        stats_before = self.scorer.stats.as_dict()
-        rewards = torch.tensor(self.scorer.score([r.text for r in flat], [p.answer for p in problems for _ in range(K)]))
-        rewards = rewards.view(len(problems), K)
+        rewards = torch.tensor([group_rewards[i] for i in range(len(problems))], dtype=torch.float32)
         adv = leave_one_out_advantages(rewards, cfg.grpo.normalize_rewards, cfg.grpo.use_leave_one_out_baseline,
                                        std=cfg.grpo.advantage_std)
         times["reward"], t = time.time() - t, time.time()
@@ -331,11 +346,15 @@ class Trainer:
         n_grpo_local = sum(len(r.response_ids) for r in flat)  # GRPO's token normaliser (this rank's share)
         gen_tokens = n_grpo_local
         if self.hdpo_on and cliffs:
-            M = cfg.privileged_rollouts
             cliff_problems = [problems[i] for i in cliffs]
-            priv_prompts = [self._prompt(p, h.privileged_info) for p in cliff_problems]
-            with self.amp():
-                priv = self.priv_generator.generate(priv_prompts, M, self.sampling)
+            if overlap:
+                assert sorted(early) == cliffs, (sorted(early), cliffs)
+                priv = [early[i] for i in cliffs]
+            else:
+                priv_prompts = [self._prompt(p, h.privileged_info) for p in cliff_problems]
+                with self.amp():
+                    priv = self.priv_generator.generate(priv_prompts, M, self.sampling,
+                                                        [follow_seed(seeds[i]) for i in cliffs])
             # generation and math-verify apart: LaTeX-heavy privileged answers can make scoring the slow part
             times["privileged"], t = time.time() - t, time.time()
             pflat = [r for g in priv for r in g]

@@ -63,34 +63,37 @@ def jsd_ratio(tokens: int, vocab: int, k: int) -> None:
 
 
 def step_ratios(runs: Path) -> None:
+    """Per run folder: mean seconds per step and phase, seconds per 1k generated tokens (the rollout phase; the
+    privileged phase where it runs apart; in one decode loop with the rollouts it is inside `rollout`), and
+    against GRPO: the step-time ratio beside the generated-token ratio (issue 7: the first no larger)."""
     per_method: dict[str, dict[str, float]] = {}
     for metrics in sorted(runs.glob("*/metrics.jsonl")):
         rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
         train = [r for r in rows if r.get("kind") == "train"]
         if not train:
             continue
+        if len(train) > 1:  # the first step pays the process's warm-up (kernels, allocator): left out
+            train = train[1:]
         keys = [k for k in train[0] if k.startswith("time/")]
-        per_method[metrics.parent.name] = {k: statistics.mean(r[k] for r in train) for k in keys}
-        # seconds per 1k generated tokens, per phase (all ranks' tokens over the mean rank's time: compare runs
-        # of the same world size); the privileged phase's time includes scoring its rollouts
-        phases = {"rollout": sum(r["tokens/grpo"] for r in train),
-                  "privileged": sum(r.get("tokens/privileged", 0) for r in train)}
-        per_1k = {p: 1000 * sum(r.get(f"time/{p}", 0.0) for r in train) / n for p, n in phases.items() if n}
-        if per_1k:
-            print(f"{metrics.parent.name}: s per 1k generated tokens: "
-                  + ", ".join(f"{p} {v:.3f}" for p, v in per_1k.items())
-                  + (f" (privileged/rollout {per_1k['privileged'] / per_1k['rollout']:.2f}x)"
-                     if len(per_1k) == 2 else ""))
-            ratio_tokens = sum(r["tokens/generated"] for r in train) / phases["rollout"]
-            per_method[metrics.parent.name]["tokens_vs_rollout"] = ratio_tokens
+        mean = {k: statistics.mean(r[k] for r in train) for k in keys}
+        tokens = statistics.mean(r["tokens/generated"] for r in train)
+        gen_s = mean.get("time/rollout", 0.0) + mean.get("time/privileged", 0.0)
+        per_method[metrics.parent.name] = {**mean, "tokens": tokens}
+        together = mean.get("time/privileged", 0.0) == 0.0  # privileged rollouts inside the rollout loop
+        apart = {p: (mean.get(f"time/{p}", 0.0), statistics.mean(r.get(f"tokens/{t}", 0) for r in train))
+                 for p, t in (("rollout", "generated" if together else "grpo"), ("privileged", "privileged"))}
+        line = ", ".join(f"{p} {1000 * s_ / n:.3f}" for p, (s_, n) in apart.items() if n and s_ > 0)
+        print(f"{metrics.parent.name}: {len(train)} steps, {tokens:,.0f} generated tokens/step in {gen_s:.1f}s: "
+              f"{1000 * gen_s / max(tokens, 1):.3f} s per 1k generated tokens ({line})")
     base = next((v for k, v in per_method.items() if k.startswith("grpo")), None)
-    for name, times in per_method.items():
-        tok = times.pop("tokens_vs_rollout", None)
-        if tok is not None and base:
-            print(f"{name}: generated tokens / its rollout tokens {tok:.2f}x")
-        line = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in times.items())
-        ratio = f"  step vs GRPO: {times['time/step'] / base['time/step']:.2f}x" if base else ""
-        print(f"{name}: {line}{ratio}")
+    for name, m in per_method.items():
+        line = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time/"))
+        print(f"{name}: {line}")
+        if base and m is not base:
+            step, tok = m["time/step"] / base["time/step"], m["tokens"] / base["tokens"]
+            print(f"{name} vs GRPO: step time {step:.2f}x, generated tokens {tok:.2f}x "
+                  f"({'no larger' if step <= tok else 'LARGER'}: HDPO {'costs' if step <= tok else 'exceeds'} "
+                  f"what its extra tokens cost)")
 
 
 def generation_phases(hidden: int = 256, layers: int = 4, vocab: int = 8192, new: int = 64) -> dict:

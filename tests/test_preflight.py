@@ -27,7 +27,7 @@ def test_preflight_cli_on_the_paper_config_at_tiny_shape(tmp_path):
     u = v["update"]
     assert u["ok"] and u["sequences"] >= 1 and u["sequences"] * (u["prompt_tokens"] + u["response_tokens"]) <= 1024
     assert v["checkpoint"]["gib"] > 0 and v["checkpoint"]["seconds"] > 0
-    assert set(v["generation"]) == {"bf16_copy", "fp32_autocast"}
+    assert set(v["generation"]) == {"bf16_copy", "hf_generate", "fp32_autocast"}
     assert all(g["generated"] > 0 and g["tokens_per_s"] > 0 for g in v["generation"].values())
     assert v["estimate"]["hours"] > 0 and v["estimate"]["steps"] == 2000
     for row in ("kill + resume", "update micro-batch", "checkpoint write", "generation (bf16_copy)", "verdict"):

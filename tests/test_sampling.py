@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ import torch
 from conftest import REPO, tiny_config, tiny_problems
 from hdpo.config import SYSTEM_PROMPT, ConfigError
 from hdpo.data import build_messages, render_prompt
-from hdpo.generation import Sampling, TransformersGenerator, _Sampler, problem_seed, sample_seeds, stream_seed
+from hdpo.decode import draw, seed_keys, uniforms
+from hdpo.generation import Sampling, TransformersGenerator, problem_seed, sample_seeds, stream_seed
 from hdpo.generation_vllm import build_engine_kwargs, sampling_kwargs
 from hdpo.train import accumulate_gradients, teacher_topk
 
@@ -97,11 +99,8 @@ def test_sampler_draws_softmax_over_temperature_within_top_p(temperature, top_p)
     """20000 rows with their own seeds, one step each: frequencies match the exact distribution."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20000
-    s = Sampling(temperature, top_p, max_new_tokens=1)
-    sampler = _Sampler(s, sample_seeds(list(range(rows)), rows, 1), width=1, limits=[5] * rows, eos_id=0)
-    out = sampler(torch.zeros(rows, 1, dtype=torch.long), logits.expand(rows, -1).clone())
-    assert torch.all((out == 0).sum(-1) == 1) and torch.all(torch.isinf(out).sum(-1) == len(logits) - 1)
-    chosen = out.argmax(-1)
+    chosen, lp = draw(logits.expand(rows, -1).clone(), seed_keys(torch.arange(rows)), torch.zeros(rows, dtype=torch.long),
+                      temperature, top_p, greedy=False)
     p = torch.softmax(logits.double() / temperature, -1)
     order = p.argsort(descending=True)
     before = p[order].cumsum(0) - p[order]
@@ -113,14 +112,42 @@ def test_sampler_draws_softmax_over_temperature_within_top_p(temperature, top_p)
     sigma = (want * (1 - want) / rows).sqrt()
     assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (freq, want)
     # recorded log-prob: log_softmax(logits / T) of the chosen token (before the top-p cut)
-    torch.testing.assert_close(sampler.logprobs(rows)[:, 0].double(), torch.log(p)[chosen], atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp.double(), torch.log(p)[chosen], atol=1e-6, rtol=0)
 
 
-def test_sampler_ends_a_row_at_its_own_limit():
-    s = Sampling(1.0, 1.0, max_new_tokens=9)
-    sampler = _Sampler(s, [1, 2], width=4, limits=[2, 9], eos_id=3)
-    out = sampler(torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 8))  # 2 tokens generated so far
-    assert out[0].argmax() == 3 and out[0, 3] == 0  # row 0 is at its limit: EOS (cut off later)
+def test_two_level_draw_is_exact_over_many_blocks_and_skips_masked_tokens():
+    """V = 50 (7 blocks of 8, the last one padded), random logits with masked tokens and a whole masked block:
+    40000 draws match softmax within 5 sigma for every token, and no masked token is ever drawn."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, generator=g) * 2
+    logits[[0, 13, 49]] = -math.inf
+    logits[16:24] = -math.inf  # block 2 entirely
+    rows = 40000
+    chosen, _ = draw(logits.expand(rows, -1).clone(), seed_keys(torch.arange(rows) * 7 + 1), torch.full((rows,), 5),
+                     1.0, 1.0, greedy=False)
+    p = torch.softmax(logits.double(), -1)
+    freq = torch.bincount(chosen, minlength=50).double() / rows
+    assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / rows).sqrt() + 1e-12), (freq, p)
+    assert int(freq[p == 0].sum()) == 0
+    greedy, lp = draw(logits[None], seed_keys(torch.tensor([1])), torch.tensor([0]), 1.0, 1.0, greedy=True)
+    assert int(greedy) == int(logits.argmax()) and math.isclose(float(lp), math.log(float(p.max())), rel_tol=1e-5)
+
+
+def test_uniforms_are_a_function_of_seed_step_and_index():
+    seeds, steps = seed_keys(torch.tensor([5, 6, 5, 5])), torch.tensor([0, 0, 1, 0])
+    u = uniforms(seeds, steps, 1000)
+    assert torch.equal(u[0], u[3]) and torch.equal(uniforms(seeds[1:2], steps[1:2], 1000)[0], u[1])  # no company
+    assert torch.equal(uniforms(seeds[:1], steps[:1], 10)[0], u[0, :10])  # a prefix of a longer draw
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    big = uniforms(seed_keys(torch.arange(200)), torch.arange(200) % 7, 500).flatten()
+    assert bool(((big > 0) & (big < 1)).all())
+    # uniform: the empirical CDF within the Kolmogorov-Smirnov 0.1% bound of the uniform's
+    srt = big.sort().values
+    grid = torch.arange(1, len(srt) + 1, dtype=torch.float64) / len(srt)
+    assert float((srt - grid).abs().max()) < 1.95 / math.sqrt(len(srt))
+    # neighbouring counters are not correlated
+    a, b = uniforms(seed_keys(torch.arange(100000)), torch.zeros(100000, dtype=torch.long), 2).T
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.02
 
 
 def test_seeds_are_stable_and_distinct():

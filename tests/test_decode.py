@@ -1,0 +1,120 @@
+"""The transformers backend's decode loop (hdpo.decode): continuous batching changes no sample.
+
+Brute-force references: one request decoded alone, and the model's own full forward over prompt + response.
+Rows leave the batch, longer prompts join a running batch, the cache outgrows its room, follow-ups are
+queued by `on_done`: every sample, log-prob and finished flag stays the same.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hdpo.decode import Request, decode
+from hdpo.generation import Generator, Sampling, TransformersGenerator
+
+EOS, PAD, V = 1, 0, 300
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=EOS, pad_token_id=PAD)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(6.0)  # some tokens likely, EOS now and then
+    return m
+
+
+def requests(count: int, seed: int = 0) -> list[Request]:
+    """Prompts of 3 to 40 tokens (long ones late, so they join a running batch) and limits of 5 to 170
+    (past the cache's first 128 columns of room)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        plen = 3 + (i * 7) % 38
+        limit = 170 if i % 3 == 1 else 5 + (i * 37) % 120
+        out.append(Request(torch.randint(2, V, (plen,), generator=g).tolist(), limit, 1000 + i))
+    return out
+
+
+def run(model, reqs, batch_size, check_every=8, **kw):
+    return decode(model, reqs, 1.0, 1.0, False, batch_size, [EOS], PAD, check_every=check_every, **kw)
+
+
+def test_continuous_batching_changes_no_sample(model):
+    reqs = requests(13)
+    alone = [run(model, [r], 1)[0] for r in reqs]
+    assert any(d.finished for d in alone) and any(not d.finished for d in alone)  # both kinds of ending
+    assert any(len(d.response_ids) > 128 for d in alone)  # the cache grew past its first room
+    for batch_size, every in ((13, 8), (4, 8), (3, 1), (5, 5)):
+        got = run(model, reqs, batch_size, check_every=every)
+        for a, b in zip(alone, got):
+            assert a.response_ids == b.response_ids and a.finished == b.finished
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_rows_stop_at_eos_or_their_own_limit(model):
+    for r, d in zip(requests(13), run(model, requests(13), 4)):
+        assert len(d.response_ids) <= r.limit
+        assert d.finished == (d.response_ids[-1] == EOS) and EOS not in d.response_ids[:-1]
+        assert d.finished or len(d.response_ids) == r.limit
+
+
+def test_logprobs_are_the_full_forwards(model):
+    """Each recorded log-prob is log_softmax of the model's own forward over prompt + response, with no cache."""
+    reqs = requests(6)
+    for r, d in zip(reqs, run(model, reqs, 3)):
+        ids = torch.tensor([r.prompt_ids + d.response_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(r.prompt_ids) - 1:-1].float(), -1)
+        want = logp.gather(1, torch.tensor(d.response_ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(d.logprobs), want, atol=2e-5, rtol=0)
+
+
+def test_follow_ups_are_the_requests_decoded_alone(model):
+    """`on_done` queues a follow-up when request 2 ends: it gets the next index and the same tokens as alone."""
+    reqs = requests(7)
+    extra = Request([5, 6, 7, 8] * 9, 40, 77)
+    seen = []
+
+    def on_done(done):
+        seen.extend(i for i, _ in done)
+        return [extra] if any(i == 2 for i, _ in done) else []
+
+    got = run(model, reqs, 3, on_done=on_done)
+    assert len(got) == 8 and sorted(seen) == list(range(8))
+    assert got[7].response_ids == run(model, [extra], 1)[0].response_ids
+    assert [d.response_ids for d in got[:7]] == [d.response_ids for d in run(model, reqs, 7)]
+
+
+class _Tok:
+    """Token ids written as text ('5 6 7'), so a real transformers model runs behind generate_then."""
+    pad_token_id, eos_token_id = PAD, EOS
+
+    def __call__(self, texts, add_special_tokens=False):
+        ids = [[int(t) for t in s.split()] for s in ([texts] if isinstance(texts, str) else texts)]
+        return type("Enc", (), {"input_ids": ids[0] if isinstance(texts, str) else ids})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
+
+
+def test_generate_then_overlapped_equals_two_phases(model):
+    """The transformers backend runs follow-ups inside the loop; `Generator.generate_then` (the default every
+    backend has) runs them after: the same groups and follow-ups, for the same seeds."""
+    model.generation_config.eos_token_id = EOS
+    gen = TransformersGenerator(model, _Tok(), batch_size=6, max_total_length=400)
+    g = torch.Generator().manual_seed(1)
+    prompts = [" ".join(str(int(t)) for t in torch.randint(2, V, (4 + 5 * i,), generator=g)) for i in range(5)]
+    s = Sampling(max_new_tokens=60)
+    then = lambda i, group: (prompts[i] + " 9 9 9 9") if i % 2 == 0 else None  # noqa: E731
+    a_groups, a_more = gen.generate_then(prompts, 3, s, then, 2, seeds=[11, 12, 13, 14, 15])
+    b_groups, b_more = Generator.generate_then(gen, prompts, 3, s, then, 2, seeds=[11, 12, 13, 14, 15])
+    assert sorted(a_more) == sorted(b_more) == [0, 2, 4]
+    ids = lambda groups: [[r.response_ids for r in g] for g in groups]  # noqa: E731
+    assert ids(a_groups) == ids(b_groups)
+    assert ids(a_more.values()) == ids(b_more.values())
+    assert len({tuple(r.response_ids) for g in a_more.values() for r in g}) > 1
