@@ -315,11 +315,14 @@ class Trainer:
         answers = [p.answer for p in problems]
         stats_before = self.scorer.stats.as_dict()
         group_rewards: dict[int, list[float]] = {}
+        scoring = [0.0]  # seconds inside the loop spent scoring (the GPU waits): reported as the reward phase
         overlap = (self.hdpo_on and self.priv_generator is self.generator
                    and h.max_cliff_prompts_per_step >= cfg.grpo.num_prompts_per_step)
 
         def cliff_then(i: int, group: list) -> Optional[str]:
+            t0 = time.time()
             group_rewards[i] = self.scorer.score([r.text for r in group], [answers[i]] * K)
+            scoring[0] += time.time() - t0
             return self._prompt(problems[i], h.privileged_info) if overlap and (
                 sum(group_rewards[i]) <= h.cliff_reward_sum) else None
 
@@ -329,7 +332,7 @@ class Trainer:
             groups, early = self.generator.generate_then([self._prompt(p) for p in problems], K, self.sampling,
                                                          cliff_then, M, seeds)
         faults.hit("rollout")
-        times["rollout"], t = time.time() - t, time.time()
+        times["rollout"], t = time.time() - t - scoring[0], time.time() - scoring[0]
         # 2. rewards and leave-one-out advantages
         flat = [r for g in groups for r in g]
         rewards = torch.tensor([group_rewards[i] for i in range(len(problems))], dtype=torch.float32)
