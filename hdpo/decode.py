@@ -217,8 +217,7 @@ def decode(model, requests: list[Request], temperature: float, top_p: float, gre
     results: dict[int, Decoded] = {}
     eos = torch.tensor(eos_ids, device=device)
     width = max([r.limit for r in requests], default=1)  # grows if `on_done` adds longer requests
-    live: Optional[_Batch] = None
-    room = check_every * 2
+    room = check_every * 2  # spare cache columns after each rebuild: a window's steps fit twice
 
     def prefill(idx: list[int]) -> tuple[_Batch, torch.Tensor]:
         nonlocal width
