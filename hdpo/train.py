@@ -445,8 +445,11 @@ class Trainer:
                  float(n_cliffs_all[self.rank]), len(cliffs), generated, kept,
                  gen_tokens,
                  stats_after["parse_failures"] - stats_before["parse_failures"],
-                 stats_after["timeouts"] - stats_before["timeouts"], parts["mismatch_sum"], parts["mismatch_tokens"]]
-        (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to, mm_sum, mm_tok) = dist.sum_all(local)
+                 stats_after["timeouts"] - stats_before["timeouts"],
+                 stats_after["timeouts_retried"] - stats_before["timeouts_retried"],
+                 parts["mismatch_sum"], parts["mismatch_tokens"]]
+        (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to, retried, mm_sum,
+         mm_tok) = dist.sum_all(local)
         return {
             "kind": "train", "step": step + 1,
             "loss/total": loss, "loss/grpo": loss_grpo, "loss/jsd": loss_jsd,
@@ -458,6 +461,7 @@ class Trainer:
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
             "tokens/privileged": int(gen_tokens - n_grpo),  # the privileged phase's share (per-phase speed)
             "reward/parse_failures": int(pf), "reward/timeouts": int(to),
+            "reward/timeouts_retried": int(retried),  # re-scored with eval.reward_retry_timeout_s
             "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "nonfinite_skipped": int(skipped),
             # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)

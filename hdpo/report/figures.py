@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -174,31 +175,36 @@ def _fig_training(cfg: Config, results_dir: Path):
               ("privileged/kept", "kept privileged rollouts", "rollouts per step", 1.0),
               ("tokens/grpo", "response length", "tokens per rollout", 1.0 / rollouts),
               ("logprob/sampler_vs_trainer_abs_diff", "sampler vs trainer", "mean |Δ log p| per token", 1.0),
-              ("time", "time per phase", "seconds per step (mean)", 1.0)]
+              ("time", "time per phase", "", 1.0)]
     fig = Figure(figsize=(DOUBLE_COLUMN_IN, 4.6), layout="constrained")
     axes = fig.subplots(2, 4).ravel()
     for ax, (key, title, ylabel, scale) in zip(axes, panels):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         if key == "time":
-            _time_bars(ax, train, methods, styles)
+            handles = _time_bars(ax, train, methods, styles)
+            axes[-1].legend(handles=handles, title="time per phase", fontsize=6, title_fontsize=6,
+                            loc="center left", frameon=False)  # in the free eighth panel
             continue
         if not _run_lines(ax, train, key, methods, styles, window, scale):
             _no_data(ax, "no results yet" if train.empty else "not measured")
         ax.set_xlabel("training step" + (f" (avg. over {window})" if window > 1 else ""))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if n_steps:  # the run's whole step range, also when a panel has a single point
+            ax.set_xlim(0.5, n_steps + 0.5)
     axes[-1].axis("off")
     _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
     fig.get_layout_engine().set(rect=(0, 0.07, 1, 0.93))
     return fig
 
 
-def _time_bars(ax, train: pd.DataFrame, methods, styles) -> None:
-    """Stacked mean seconds per phase, one bar per method (the phases' grey levels are the legend)."""
+def _time_bars(ax, train: pd.DataFrame, methods, styles) -> list:
+    """Stacked mean seconds per phase, one horizontal bar per method (room for the methods' names; the
+    phases' grey levels are the legend)."""
     shades = ["0.15", "0.35", "0.55", "0.75", "0.9"]
-    x = np.arange(len(methods))
-    drawn = False
-    bottom = np.zeros(len(methods))
+    y = np.arange(len(methods))[::-1]  # the grid's first method on top
+    drawn, handles = False, []
+    left = np.zeros(len(methods))
     for phase, shade in zip(PHASES, shades):
         col = f"time/{phase}"
         vals = np.array([train.loc[train["method"] == m, col].mean() if (train["method"] == m).any() else 0.0
@@ -206,14 +212,16 @@ def _time_bars(ax, train: pd.DataFrame, methods, styles) -> None:
         vals = np.nan_to_num(vals)
         if vals.any():
             drawn = True
-        ax.bar(x, vals, 0.7, bottom=bottom, color=shade, edgecolor=[styles[m]["color"] for m in methods],
-               linewidth=0.8, label=phase)
-        bottom += vals
+        label = "rollout (+ privileged in the same loop)" if phase == "rollout" else phase
+        handles.append(ax.barh(y, vals, 0.7, left=left, color=shade, linewidth=0.8, label=label,
+                               edgecolor=[styles[m]["color"] for m in methods]))
+        left += vals
     if not drawn:
         _no_data(ax)
-    ax.set_xticks(x, [method_short(m) for m in methods], fontsize=5)
-    ax.legend(fontsize=5, loc="upper left", frameon=False)
-    ax.grid(axis="x", visible=False)
+    ax.set_yticks(y, [textwrap.fill(method_short(m).replace("\n", " "), 16) for m in methods], fontsize=5)
+    ax.set_xlabel("seconds per step (mean)")
+    ax.grid(axis="y", visible=False)
+    return handles
 
 
 def _fig_cliff_recovery(cfg: Config, results_dir: Path):
