@@ -171,7 +171,9 @@ def _set(cache, kvs: list, room: int) -> None:
 
 
 class _Batch:
-    """The live rows: their cache, attention mask, positions, sampled tokens and uniform streams."""
+    """The live rows: their cache, attention mask, positions, sampled tokens and seed keys."""
+
+    ROWS = ("pos", "req", "limit", "key", "tokens", "logps", "count", "done")  # one entry per row
 
     def __init__(self, cache, mask, pos, req, limit, key, tokens, logps, count, done):
         self.cache, self.mask, self.pos, self.req, self.limit = cache, mask, pos, req, limit
@@ -186,7 +188,7 @@ class _Batch:
         start = int(mask.any(0).int().argmax())
         _set(self.cache, _reshape(self.cache, rows, start, 0), room)
         self.mask = mask[:, start:]
-        for name in ("pos", "req", "limit", "key", "tokens", "logps", "count", "done"):
+        for name in self.ROWS:
             setattr(self, name, getattr(self, name)[rows])
 
     def join(self, other: "_Batch", room: int) -> None:
@@ -198,7 +200,7 @@ class _Batch:
              room)
         pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], 1) if n > 0 else m  # noqa: E731
         self.mask = torch.cat([pad(self.mask, b - a), pad(other.mask, a - b)])
-        for name in ("pos", "req", "limit", "key", "tokens", "logps", "count", "done"):
+        for name in self.ROWS:
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
 
 

@@ -14,9 +14,9 @@ Seeds: every sample draws from its own random stream, a pure function of (the pr
 index). `generate(..., seeds=...)` gives one seed per prompt (evaluation: from (seed, benchmark, problem),
 `problem_seed`); without seeds they are drawn from torch's RNG, which the trainer seeds per step and rank.
 So which tokens a sample gets does not depend on the batch it shares, the batch size, the job order, the
-number of ranks or the device, up to float round-off in the forward (a draw moves only when round-off moves
-the row's cumulative probability across its uniform: rare; the uniforms come from CPU generators on every
-device). `Generator.generate_then` adds follow-up rollouts whose seeds are the prompt's too.
+number of ranks or the device, up to float round-off in the forward (a draw moves only when round-off swaps
+its two best Gumbel-perturbed scores: rare; the noise is a counter-based hash of the seed, the same on every
+device: hdpo.decode). `Generator.generate_then` adds follow-up rollouts whose seeds are the prompt's too.
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ class Generator:
         groups = self.generate(prompts, n, sampling, seeds)
         asks = {i: q for i, g in enumerate(groups) if (q := then(i, g)) is not None}
         keys = sorted(asks)
-        more = self.generate([asks[i] for i in keys], m, sampling, [follow_seed(seeds[i]) for i in keys]) if keys else []
+        more = self.generate([asks[i] for i in keys], m, sampling,
+                             [follow_seed(seeds[i]) for i in keys]) if keys else []
         return groups, dict(zip(keys, more))
 
 
@@ -156,29 +157,30 @@ class TransformersGenerator(Generator):
         rollouts are done, and share decoding steps with the rollouts still running."""
         seeds = prompt_seeds(seeds, len(prompts))
         ids = self.tok(prompts, add_special_tokens=False).input_ids
-        jobs = [(ids[i], stream_seed(s, j)) for i, s in enumerate(seeds) for j in range(n)]
-        groups: dict[int, list] = {}
-        follow: dict[int, list[Rollout]] = {}
-        index: list[tuple[str, int]] = []  # job -> (plain | follow, prompt)
+        jobs = [(ids[i], stream_seed(s, j)) for i, s in enumerate(seeds) for j in range(n)]  # job i * n + j
+        owner: list[int] = []  # the prompt of each follow-up job (numbered from len(jobs) on)
+        ended: dict[int, Rollout] = {}  # a prompt's plain rollouts, until its group is complete
 
         def on_done(done: list[tuple[int, Rollout]]) -> list[tuple[list[int], int]]:
             more = []
             for job, r in done:
-                kind, i = index[job]
-                group = (groups if kind == "plain" else follow).setdefault(i, [])
-                group.append((job, r))
-                if kind == "plain" and len(group) == n:
-                    q = then(i, [x for _, x in sorted(group, key=lambda t: t[0])])
+                if job >= len(jobs):
+                    continue  # a follow-up
+                ended[job] = r
+                i = job // n
+                if all(i * n + j in ended for j in range(n)):
+                    q = then(i, [ended.pop(i * n + j) for j in range(n)])
                     if q is not None:
                         q_ids = self.tok(q, add_special_tokens=False).input_ids
                         more += [(q_ids, stream_seed(follow_seed(seeds[i]), j)) for j in range(m)]
-                        index.extend([("follow", i)] * m)
+                        owner.extend([i] * m)
             return more
 
-        index.extend(("plain", i) for i in range(len(prompts)) for _ in range(n))
-        self._run(jobs, sampling, on_done)
-        plain = [[r for _, r in sorted(groups.get(i, []), key=lambda t: t[0])] for i in range(len(prompts))]
-        return plain, {i: [r for _, r in sorted(g, key=lambda t: t[0])] for i, g in sorted(follow.items())}
+        out = self._run(jobs, sampling, on_done)
+        follow: dict[int, list[Rollout]] = {}
+        for i, r in zip(owner, out[len(jobs):]):
+            follow.setdefault(i, []).append(r)
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))], dict(sorted(follow.items()))
 
     @torch.no_grad()
     def _run(self, jobs: list[tuple[list[int], int]], s: Sampling, on_done=None) -> list[Rollout]:

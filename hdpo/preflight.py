@@ -194,10 +194,14 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
         if engine != "hf_generate":
             return sum(len(r.response_ids) for r in gen.generate_ids(prompts, s))
         ids = torch.tensor(prompts, device=device)
+        was = gen.model.training
         gen.model.eval()  # as ours samples: no activation checkpointing (which turns transformers' cache off)
-        out = gen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                 top_p=s.top_p, temperature=s.temperature, max_new_tokens=new_tokens,
-                                 eos_token_id=V - 1, pad_token_id=0)
+        try:
+            out = gen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                     top_p=s.top_p, temperature=s.temperature, max_new_tokens=new_tokens,
+                                     eos_token_id=V - 1, pad_token_id=0)
+        finally:
+            gen.model.train(was)
         return int((out[:, prompt_len:] != 0).sum())
 
     with autocast(device, cfg.model.dtype), torch.no_grad():

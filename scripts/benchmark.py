@@ -131,8 +131,7 @@ def baseline_grpo_microbatch(model, chunk, n_grpo, amp):
 
 def baseline_distill_microbatch(model, chunk, n_distill, amp):
     with amp():
-        logits, mask, _ = response_logits(model, [c.prompt_ids for c in chunk],
-                                                   [c.response_ids for c in chunk], 0)
+        logits, mask, _ = response_logits(model, [c.prompt_ids for c in chunk], [c.response_ids for c in chunk], 0)
     T, k = logits.shape[1], chunk[0].topk_ids.shape[-1]
     t_vals = torch.zeros(len(chunk), T, k, device=logits.device)
     t_ids = torch.zeros(len(chunk), T, k, dtype=torch.long, device=logits.device)
