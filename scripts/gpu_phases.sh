@@ -2,7 +2,7 @@
 # GRPO vs HDPO step time on the real SmolLM2-135M-Instruct (issue 7, item 7): a few training steps of each,
 # 16 prompts x 8 rollouts, up to 256 new tokens, transformers backend, bf16 on a GPU; then seconds per 1k
 # generated tokens per phase (scripts/benchmark.py --runs). Needs the GGUF (GGUF=path), the SVAMP mirror
-# (HDPO_DATA_DIR) and the gguf package. On a CPU, shrink it for a smoke test:
+# (HDPO_DATA_DIR) and the gguf package; or MODEL=a model folder (e.g. random weights of the same shape). On a CPU, shrink it for a smoke test:
 #   GGUF=... STEPS=1 PROMPTS=2 K=2 NEW=16 bash scripts/gpu_phases.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,9 @@ DTYPE="${DTYPE:-$("$PY" -c 'import torch; print("bfloat16" if torch.cuda.is_avai
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 work="${TMPDIR:-/tmp}/hdpo_phases"
 rm -rf "$work" && mkdir -p "$work" "$OUT"
-SET=(model.gguf_package=null "model.gguf_file=$GGUF" "model.dtype=$DTYPE" model.max_total_sequence_length=1024
+if [ -n "${MODEL:-}" ]; then SRC=("model.name=$MODEL" model.gguf_package=null model.gguf_file=null)
+else SRC=(model.gguf_package=null "model.gguf_file=$GGUF"); fi
+SET=("${SRC[@]}" "model.dtype=$DTYPE" model.max_total_sequence_length=1024
      "grpo.num_prompts_per_step=$PROMPTS" "grpo.num_generations_per_prompt=$K" "grpo.max_num_steps=$STEPS"
      "generation.max_new_tokens=$NEW" generation.batch_size=256 "hdpo.max_cliff_prompts_per_step=$PROMPTS"
      data.max_val_problems=4 eval.num_samples=2 "eval.pass_k=[1,2]" eval.val_period=1000 checkpoint.save_period=1000

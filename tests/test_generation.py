@@ -538,3 +538,27 @@ def test_generation_copy_drops_activation_checkpointing_but_the_master_keeps_it(
     assert copy is not master and next(copy.parameters()).dtype == torch.bfloat16
     assert not any(getattr(m, "gradient_checkpointing", False) for m in copy.modules())
     assert any(getattr(m, "gradient_checkpointing", False) for m in master.modules())
+
+
+def test_generation_copy_keeps_rope_frequencies_in_float32():
+    """Only weights go to bf16: the copy encodes every position exactly as the float32 master (and a model
+    loaded in bf16 by from_pretrained) does; rounded inverse frequencies would move the angle at position 4096
+    by up to 0.7 rad."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hdpo.generation import generation_copy
+
+    master = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True))
+    copy = generation_copy(master, "bfloat16", devices=("cpu",))
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # still tied
+    buffers = dict(master.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 and torch.equal(b, buffers[n]) for n, b in copy.named_buffers())
+    pos = torch.arange(4096)[None]
+    x = torch.zeros(1, 4096, 64)
+    cos_m, sin_m = master.model.rotary_emb(x, pos)
+    cos_c, sin_c = copy.model.rotary_emb(x.bfloat16(), pos)
+    assert torch.equal(cos_c, cos_m.bfloat16()) and torch.equal(sin_c, sin_m.bfloat16())
+    rounded = master.model.rotary_emb.inv_freq.bfloat16().float()  # what module.to(bf16) used to keep
+    assert (4095 * (rounded - master.model.rotary_emb.inv_freq).abs()).max() > 0.1  # the test can fail
