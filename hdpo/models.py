@@ -141,6 +141,10 @@ def disable_activation_checkpointing(model: torch.nn.Module) -> None:
         getattr(model, "gradient_checkpointing_disable", None)
     if disable is not None:
         disable()
+    # enabling it also hooked the input embeddings to make their output require grad; disabling leaves that
+    # hook in place (transformers removes it only for PEFT models)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def autocast(device: torch.device, dtype: str):

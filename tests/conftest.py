@@ -93,10 +93,13 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.pad_token_id is None:  # transformers 5.17's converted tokenizer has none; EOS, as load_tokenizer does
+        tok.pad_token = tok.eos_token
+    pad = tok.pad_token_id
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+                      pad_token_id=pad)
     model = LlamaForCausalLM(cfg)
     prompts, responses = [], []
     for p in tiny_problems()[:3]:
@@ -107,7 +110,7 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
                              + [tok.eos_token_id])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(140):  # teacher-forced on the responses only (logits of the response region: fast)
-        logits, mask, ids = response_logits(model, prompts, responses, tok.pad_token_id)
+        logits, mask, ids = response_logits(model, prompts, responses, pad)
         loss = -(token_logprobs(logits, ids[..., None]).squeeze(-1) * mask).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()

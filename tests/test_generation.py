@@ -538,6 +538,8 @@ def test_generation_copy_drops_activation_checkpointing_but_the_master_keeps_it(
     assert copy is not master and next(copy.parameters()).dtype == torch.bfloat16
     assert not any(getattr(m, "gradient_checkpointing", False) for m in copy.modules())
     assert any(getattr(m, "gradient_checkpointing", False) for m in master.modules())
+    # nor the hook that makes the embeddings' output require grad
+    assert master.get_input_embeddings()._forward_hooks and not copy.get_input_embeddings()._forward_hooks
 
 
 def test_generation_copy_keeps_rope_frequencies_in_float32():
