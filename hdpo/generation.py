@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hdpo.decode import Decoded, Request, decode
+from hdpo.models import disable_activation_checkpointing, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +230,9 @@ class TransformersGenerator(Generator):
         short.sort(key=lambda j: -len(jobs[j][0]))  # length buckets; stable, so a group's samples stay together
         requests = [request(j) for j in short]
         requests += settle([(j, out[j]) for j in range(len(jobs)) if j in out])
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             decode(self.model, requests, s.temperature, s.top_p, s.greedy, self.batch_size, self.eos_ids,
                    self.pad_id, finished)
-        finally:
-            self.model.train(was_training)
         return [out[j] for j in range(len(jobs))]
 
 
@@ -255,8 +252,6 @@ def generation_copy(model: torch.nn.Module, dtype: Optional[str], devices: tuple
     finally:
         for p, g in zip(model.parameters(), grads):
             p.grad = g
-    from hdpo.models import disable_activation_checkpointing
-
     disable_activation_checkpointing(copy)  # a sampler never backwards (H100, batch 256: 7.2k -> 8.4k tokens/s)
     # Only the weights are cast. `module.to(bf16)` would also round the float32 buffers, RoPE's inverse
     # frequencies among them (0.25% off: the rotary angle at position 4096 moves by up to 0.7 rad), and the

@@ -68,6 +68,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from hdpo.generation import Generator, Rollout, Sampling, _eos_ids, sample_seeds
+from hdpo.models import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,9 @@ def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: list[int], respo
     if not response_ids:
         return []
     device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
         logits = model(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0, :-1].float()
-    finally:
-        model.train(was)
     resp = torch.tensor(response_ids, device=device)
     return torch.log_softmax(logits, -1).gather(-1, resp[:, None]).squeeze(-1).cpu().tolist()
 

@@ -147,6 +147,18 @@ def disable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.disable_input_require_grads()
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode inside the block (no dropout; transformers keeps its KV cache on, which activation
+    checkpointing turns off in training mode), then back in the mode it was in."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 def autocast(device: torch.device, dtype: str):
     """Mixed precision on GPU (forward in bf16/fp16 over float32 master weights); nothing on CPU."""
     if device.type == "cuda" and dtype != "float32":

@@ -188,20 +188,16 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
     prompts = [torch.randint(0, V - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     s = Sampling(cfg.generation.temperature, cfg.generation.top_p, new_tokens)
     device = next(model.parameters()).device
-    from hdpo.models import autocast
+    from hdpo.models import autocast, eval_mode
 
     def run() -> int:
         if engine != "hf_generate":
             return sum(len(r.response_ids) for r in gen.generate_ids(prompts, s))
         ids = torch.tensor(prompts, device=device)
-        was = gen.model.training
-        gen.model.eval()  # as ours samples: no activation checkpointing (which turns transformers' cache off)
-        try:
+        with eval_mode(gen.model):  # as ours samples
             out = gen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                      top_p=s.top_p, temperature=s.temperature, max_new_tokens=new_tokens,
                                      eos_token_id=V - 1, pad_token_id=0)
-        finally:
-            gen.model.train(was)
         return int((out[:, prompt_len:] != 0).sum())
 
     with autocast(device, cfg.model.dtype), torch.no_grad():

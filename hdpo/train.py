@@ -43,7 +43,7 @@ from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jso
 from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
                            plan_micro_batches, response_hidden)
 from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages
-from hdpo.models import autocast, default_device, load_model, load_tokenizer, resolve_model
+from hdpo.models import autocast, default_device, eval_mode, load_model, load_tokenizer, resolve_model
 from hdpo.reward import RewardScorer, RewardStats
 from hdpo.tracking import is_terminal, make_tensorboard, step_line
 
@@ -375,14 +375,11 @@ class Trainer:
                 plain_ids = {ci: self.tok(self._prompt(cliff_problems[ci]), add_special_tokens=False).input_ids
                              for ci, _ in keep}
                 teacher = self.policy if self.frozen is None else self.frozen
-                was = teacher.training
-                teacher.eval()
                 tails: list = []
-                with self.amp():
+                with self.amp(), eval_mode(teacher):
                     tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
                                       h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size, **self.micro_kw,
                                       temperature=self.sampling.temperature, tails=tails)
-                teacher.train(was)
                 by_prompt: dict = {}
                 for (ci, _), tail in zip(keep, tails):
                     by_prompt.setdefault(cliffs[ci], []).append(tail)
