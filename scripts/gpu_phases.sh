@@ -2,7 +2,8 @@
 # GRPO vs HDPO step time on the real SmolLM2-135M-Instruct (issue 7, item 7): a few training steps of each,
 # 16 prompts x 8 rollouts, up to 256 new tokens, transformers backend, bf16 on a GPU; then seconds per 1k
 # generated tokens per phase (scripts/benchmark.py --runs). Needs the GGUF (GGUF=path), the SVAMP mirror
-# (HDPO_DATA_DIR) and the gguf package; or MODEL=a model folder (e.g. random weights of the same shape). On a CPU, shrink it for a smoke test:
+# (HDPO_DATA_DIR) and the gguf package; or, instead of the GGUF, MODEL=a model folder (e.g. random weights of
+# the same shape). On a CPU, shrink it for a smoke test:
 #   GGUF=... STEPS=1 PROMPTS=2 K=2 NEW=16 bash scripts/gpu_phases.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
