@@ -29,6 +29,8 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from hdpo.models import dynamic_shape_attention
+
 
 @dataclass(frozen=True)
 class Request:
@@ -205,6 +207,7 @@ class _Batch:
 
 
 @torch.no_grad()
+@dynamic_shape_attention()  # the key length grows every step: a new attention shape per step
 def decode(model, requests: list[Request], temperature: float, top_p: float, greedy: bool, batch_size: int,
            eos_ids: list[int], pad_id: int, on_done: Optional[Callable[[list[tuple[int, Decoded]]], list[Request]]]
            = None, check_every: int = 8) -> list[Decoded]:

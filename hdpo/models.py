@@ -159,6 +159,24 @@ def eval_mode(model: torch.nn.Module):
         model.train(was)
 
 
+@contextlib.contextmanager
+def dynamic_shape_attention():
+    """Scaled-dot-product attention without the cuDNN backend inside the block (also usable as a decorator).
+
+    PyTorch (2.9 on) tries cuDNN attention first on H100/H200, and cuDNN compiles an execution graph for each
+    new shape and stride of q, k and v: tens of ms of host time per new shape (PyTorch's own measurement of a
+    rebuild: 42 ms, pytorch/pytorch#191576), cached per process. Here shapes rarely repeat: every decoding
+    step attends over one more key column, rows leave and join the batch, and every update micro-batch has its
+    own lengths. So nearly every call would compile; flash and memory-efficient attention compile nothing.
+    The other backends' switches are left as they are; the previous cuDNN switch is restored on exit."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
 def autocast(device: torch.device, dtype: str):
     """Mixed precision on GPU (forward in bf16/fp16 over float32 master weights); nothing on CPU."""
     if device.type == "cuda" and dtype != "float32":

@@ -131,7 +131,7 @@ def measure_update(model, cfg: Config, device: torch.device, budget: Optional[in
                    update_fn=None) -> dict:
     """Peak memory and time of one update micro-batch (GRPO part, distillation part, AdamW step), measured on
     the second of two such updates so that the AdamW states exist (the steady state of a run)."""
-    from hdpo.models import autocast
+    from hdpo.models import autocast, dynamic_shape_attention
     from hdpo.train import DistillItem, accumulate_gradients
 
     n, plen, rlen = micro_batch_shape(cfg, budget, tiny)
@@ -149,22 +149,23 @@ def measure_update(model, cfg: Config, device: torch.device, budget: Optional[in
     tokens = n * rlen
     result = {"sequences": n, "prompt_tokens": plen, "response_tokens": rlen, "tokens": n * (plen + rlen)}
     try:
-        for it in range(2):
-            opt.zero_grad(set_to_none=False)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            _sync(device)
-            t = time.perf_counter()
-            if update_fn is not None:  # e.g. a baseline implementation (scripts/gpu_check.py)
-                update_fn(model, grpo, distill, amp)
-            else:
-                accumulate_gradients(model, grpo, [], tokens, tokens, 0.1, cfg.grpo.micro_batch_size, 0, 0.2, 0.2,
-                                     amp=amp, **g_kw)
-                accumulate_gradients(model, [], distill, tokens, tokens, 0.1, cfg.grpo.micro_batch_size, 0, 0.2,
-                                     0.2, amp=amp, **g_kw)
-            opt.step()
-            _sync(device)
-            result["seconds"] = time.perf_counter() - t
+        with dynamic_shape_attention():  # as the trainer runs
+            for it in range(2):
+                opt.zero_grad(set_to_none=False)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                _sync(device)
+                t = time.perf_counter()
+                if update_fn is not None:  # e.g. a baseline implementation (scripts/gpu_check.py)
+                    update_fn(model, grpo, distill, amp)
+                else:
+                    accumulate_gradients(model, grpo, [], tokens, tokens, 0.1, cfg.grpo.micro_batch_size, 0, 0.2,
+                                         0.2, amp=amp, **g_kw)
+                    accumulate_gradients(model, [], distill, tokens, tokens, 0.1, cfg.grpo.micro_batch_size, 0,
+                                         0.2, 0.2, amp=amp, **g_kw)
+                opt.step()
+                _sync(device)
+                result["seconds"] = time.perf_counter() - t
         result["ok"] = True
     except torch.OutOfMemoryError as err:
         result.update(ok=False, error=f"out of memory: {str(err).splitlines()[0]}")
@@ -188,9 +189,9 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
     prompts = [torch.randint(0, V - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     s = Sampling(cfg.generation.temperature, cfg.generation.top_p, new_tokens)
     device = next(model.parameters()).device
-    from hdpo.models import autocast, eval_mode
+    from hdpo.models import autocast, dynamic_shape_attention, eval_mode
 
-    def run() -> int:
+    def run(prompts: list[list[int]]) -> int:
         if engine != "hf_generate":
             return sum(len(r.response_ids) for r in gen.generate_ids(prompts, s))
         ids = torch.tensor(prompts, device=device)
@@ -198,16 +199,16 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
             out = gen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                      top_p=s.top_p, temperature=s.temperature, max_new_tokens=new_tokens,
                                      eos_token_id=V - 1, pad_token_id=0)
-        return int((out[:, prompt_len:] != 0).sum())
+        return int((out[:, ids.shape[1]:] != 0).sum())
 
-    with autocast(device, cfg.model.dtype), torch.no_grad():
-        # Warm-up with the measured shapes: the first generation of a process pays once for kernel selection
-        # and allocator growth at every new length (measured on an H100: 3.5k tokens/s on a first run, 7.1k
-        # on a second of the same shape).
-        run()
+    with autocast(device, cfg.model.dtype), torch.no_grad(), dynamic_shape_attention():
+        # The warm-up pays the process's one-off costs (CUDA context, cuBLAS handles, allocator growth) with
+        # prompts one token shorter, so the measured run meets only attention shapes it has not seen, as each
+        # step of a training run does: a kernel that caches work per shape shows its real cost here.
+        run([p[1:] or p for p in prompts])
         _sync(device)
         t = time.perf_counter()
-        tokens = run()
+        tokens = run(prompts)
         _sync(device)
     seconds = time.perf_counter() - t
     copy_dtype = str(next(gen.model.parameters()).dtype).replace("torch.", "")

@@ -43,7 +43,8 @@ from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jso
 from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
                            plan_micro_batches, response_hidden)
 from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages
-from hdpo.models import autocast, default_device, eval_mode, load_model, load_tokenizer, resolve_model
+from hdpo.models import (autocast, default_device, dynamic_shape_attention, eval_mode, load_model, load_tokenizer,
+                         resolve_model)
 from hdpo.reward import RewardScorer, RewardStats
 from hdpo.tracking import is_terminal, make_tensorboard, step_line
 
@@ -618,6 +619,7 @@ class Trainer:
                 self.tensorboard.log(row)
 
     # -- the loop -----------------------------------------------------------------------------------
+    @dynamic_shape_attention()  # rollouts, the teacher and every micro-batch bring new attention shapes
     def fit(self, resume: bool = True) -> dict:
         cfg = self.cfg
         self._t0 = time.time()

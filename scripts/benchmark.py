@@ -4,6 +4,8 @@
   python scripts/benchmark.py --memory              # peak memory of the log-prob + JSD path and of one update
                                                     # micro-batch at vocab 151936: chunked vs today's (baseline)
   python scripts/benchmark.py --runs results/runs   # HDPO vs GRPO seconds per step, per phase, from metrics.jsonl
+  python scripts/benchmark.py --attention           # ms per decoding step on new shapes: cuDNN attention off
+                                                    # (hdpo.decode) vs PyTorch's default backends (GPU)
 
 Memory: each case runs once in a fresh subprocess (CPU: growth of the peak RSS; CUDA: peak allocated), the
 baseline being a copy of the full-logits code this package used before the chunked path (kept below), so the
@@ -116,6 +118,56 @@ def generation_phases(hidden: int = 256, layers: int = 4, vocab: int = 8192, new
         out[name] = 1000 * sec / tokens
         print(f"generation {name:15s} {seqs:3d} x {plen}-token prompts: {out[name]:.3f} s per 1k tokens")
     return out
+
+
+def attention_case(impl: str, rows: int, new: int) -> dict:
+    """ms per decoding step of hdpo.decode on a random SmolLM2-135M-shaped model, prompts of 40-120 tokens and
+    limits of new/4 to new tokens (rows leave and queued ones join: shapes change as in training), after a
+    warm-up on prompts one token shorter, so every measured attention shape is new to the process.
+    impl "cudnn_off": hdpo.decode as it is; "cudnn_allowed": the same loop with PyTorch's default backends."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hdpo.decode import Request, decode
+
+    gpu = torch.cuda.is_available()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16 if gpu else torch.float32).to("cuda" if gpu else "cpu").eval()
+    loop = decode
+    if impl == "cudnn_allowed":  # the undecorated loop under no_grad: attention backends left as PyTorch sets them
+        inner = decode.__wrapped__.__wrapped__
+        assert inner.__name__ == "decode"
+        loop = torch.no_grad()(inner)
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(torch.randint(2, 49152, (40 + (i * 37) % 81,), generator=g).tolist(),
+                    new // 4 + (i * 53) % (new - new // 4 + 1), i) for i in range(2 * rows)]
+    steps = [0]
+    model.register_forward_pre_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    run = lambda rs: loop(model, rs, 1.0, 1.0, False, rows, [0], 1)  # noqa: E731  (token 0 as EOS: rarely drawn)
+    run([Request(r.prompt_ids[1:], r.limit, r.seed) for r in reqs])
+    if gpu:
+        torch.cuda.synchronize()
+    steps[0], t = 0, time.perf_counter()
+    out = run(reqs)
+    if gpu:
+        torch.cuda.synchronize()
+    sec = time.perf_counter() - t
+    return {"impl": impl, "device": "cuda" if gpu else "cpu", "ms_per_step": 1000 * sec / steps[0],
+            "steps": steps[0], "tokens": sum(len(d.response_ids) for d in out), "seconds": sec}
+
+
+def attention_ratio(rows: int, new: int) -> dict:
+    """Decoding with cuDNN attention off (hdpo.decode) vs PyTorch's default backends, each in a fresh process
+    (cuDNN caches its compiled graphs per process)."""
+    res = {impl: _run_case("attention", impl, rows=rows, new=new) for impl in ("cudnn_allowed", "cudnn_off")}
+    a, b = res["cudnn_allowed"]["ms_per_step"], res["cudnn_off"]["ms_per_step"]
+    print(f"decode, {rows} rows, {res['cudnn_off']['steps']} steps, new shapes ({res['cudnn_off']['device']}): "
+          f"default backends {a:.1f} ms/step, cuDNN attention off {b:.1f} ms/step -> {b / a:.2f}x")
+    if res["cudnn_off"]["device"] == "cpu":
+        print("  (CPU has no cuDNN attention: both runs use the same kernels; run on a GPU for the comparison)")
+    return res
 
 
 # --- baseline: the full-logits path the trainer used before chunking. hdpo.train.response_logits and
@@ -244,18 +296,28 @@ def memory_ratios(vocab: int = 151936, seqs: int = 4, prompt_len: int = 64, resp
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--case":  # a subprocess of memory_ratios
         spec = json.loads(sys.argv[2])
-        print(json.dumps(memory_case(spec.pop("case"), spec.pop("impl"), **spec)))
+        case, impl = spec.pop("case"), spec.pop("impl")
+        print(json.dumps(attention_case(impl, **spec) if case == "attention" else memory_case(case, impl, **spec)))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=None)
     ap.add_argument("--memory", action="store_true", help="peak-memory ratios, chunked vs today's path")
     ap.add_argument("--phases", action="store_true", help="s per 1k generated tokens, plain vs privileged phase")
-    ap.add_argument("--json", type=Path, default=None, help="also write the memory report here")
+    ap.add_argument("--attention", action="store_true",
+                    help="ms per decoding step on new shapes, cuDNN attention off (ours) vs PyTorch's default")
+    ap.add_argument("--rows", type=int, default=None, help="--attention: batch rows (default: GPU 128, CPU 4)")
+    ap.add_argument("--new", type=int, default=None, help="--attention: most new tokens (default: GPU 256, CPU 16)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the memory or attention report here")
     args = ap.parse_args()
     if args.runs:
         step_ratios(args.runs)
     elif args.phases:
         generation_phases()
+    elif args.attention:
+        gpu = torch.cuda.is_available()
+        rep = attention_ratio(args.rows or (128 if gpu else 4), args.new or (256 if gpu else 16))
+        if args.json:
+            args.json.write_text(json.dumps(rep, indent=2))
     elif args.memory:
         rep = memory_ratios()
         if args.json:

@@ -56,6 +56,23 @@ def test_continuous_batching_changes_no_sample(model):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
+def test_every_forward_runs_without_cudnn_attention(model):
+    """cuDNN attention compiles a graph per new shape and the key length grows every step, so the loop turns
+    that backend off for its forwards, and back to what it was afterwards."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        for before in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(before)
+            seen.clear()
+            run(model, requests(5), 3)
+            assert len(seen) > 5 and not any(seen)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is before
+    finally:
+        hook.remove()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_rows_stop_at_eos_or_their_own_limit(model):
     for r, d in zip(requests(13), run(model, requests(13), 4)):
         assert len(d.response_ids) <= r.limit

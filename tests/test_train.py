@@ -248,6 +248,25 @@ def test_hdpo_moves_the_student_on_cliffs_where_grpo_cannot(tiny_model_dir, tmp_
     assert rows[-1]["reward/mean"] > 0  # and the former cliff prompts now get rewards: GRPO takes over
 
 
+def test_training_runs_every_attention_without_cudnn(tiny_model_dir, tmp_path):
+    """Rollouts, privileged rollouts, the teacher and the update forwards and backwards all meet new attention
+    shapes every step, so a run keeps cuDNN attention (a graph compiled per shape) off, then restores it."""
+    seen = []
+
+    def record(module, args):
+        if type(module).__name__.endswith("Attention"):
+            seen.append((module.training, torch.backends.cuda.cudnn_sdp_enabled()))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        _run(tmp_path, tiny_model_dir, "hdpo", _data(tmp_path, {"8"}))
+    finally:
+        hook.remove()
+    assert {training for training, _ in seen} == {True, False}  # updates and sampling were both seen
+    assert not any(enabled for _, enabled in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
     data = _data(tmp_path, {"7", "8"})
     # the paper's GRPO record, and an HDPO set-up with lambda = 0 and a frozen teacher (which then must not matter)
