@@ -125,16 +125,17 @@ def attention_case(impl: str, rows: int, new: int) -> dict:
     limits of new/4 to new tokens (rows leave and queued ones join: shapes change as in training), after a
     warm-up on prompts one token shorter, so every measured attention shape is new to the process.
     impl "cudnn_off": hdpo.decode as it is; "cudnn_allowed": the same loop with PyTorch's default backends."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     from hdpo.decode import Request, decode
+    from hdpo.preflight import random_model
 
     gpu = torch.cuda.is_available()
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                       tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16 if gpu else torch.float32).to("cuda" if gpu else "cpu").eval()
+    model = random_model(cfg, torch.device("cuda" if gpu else "cpu"), False)
+    model = model.to(torch.bfloat16 if gpu else torch.float32).eval()
     loop = decode
     if impl == "cudnn_allowed":  # the undecorated loop under no_grad: attention backends left as PyTorch sets them
         inner = decode.__wrapped__.__wrapped__
