@@ -141,6 +141,11 @@ class HDPOConfig:
     privileged_sampler: Literal["policy", "teacher"] = key("policy", "who samples privileged rollouts (the "
                                                                      "paper's step 5: the policy)", paper=True)
     max_cliff_prompts_per_step: int = key(32, "cliff prompts distilled per step", paper=True)
+    privileged_start: Literal["after_rollouts", "speculative"] = key(
+        "after_rollouts", "when a cliff's privileged rollouts start: after_rollouts = once its K rollouts are "
+        "scored; speculative = every prompt's at once beside the rollouts, each prompt's dropped at its first "
+        "correct rollout (fewer decoding steps, more rows; transformers backend, when the policy samples them and "
+        "the cap cuts no cliff); the same samples either way", runtime=True)
     cliff_reward_sum: float = key(0.0, "a prompt is a cliff when its K rewards sum to at most this", paper=True)
     teacher_min_reward: float = key(1.0, "privileged rollouts kept when their reward is at least this",
                                     paper=True)

@@ -7,7 +7,8 @@ every step, and its cache concatenates the whole cache once per step. Here, a ba
 columns no live row uses are trimmed off the left) and queued requests are prefilled and join (the shorter
 of the two caches left-padded to the other's length). So a row costs decoding steps only while it
 generates, and all rows of one call share each step: the samples of an evaluation, or the plain rollouts
-of a training step and the privileged rollouts that their rewards call for (`on_done`).
+of a training step and the privileged rollouts that their rewards call for (`on_done`). `on_done` can also
+drop requests, queued or running: speculative follow-ups that a finished rollout shows are not needed.
 
 The sampler (`draw`): a row's t-th token is a two-level Gumbel-max draw of softmax(logits / T) whose
 2 sqrt(V) uniforms are a counter-based hash of (the request's seed, t, index): no generator per row, no
@@ -44,6 +45,7 @@ class Decoded:
     response_ids: list[int]  # up to and including the EOS when `finished`
     logprobs: list[float]  # log_softmax(logits / T) of each response token (greedy: T = 1)
     finished: bool
+    dropped: bool = False  # dropped by `on_done` before it finished: the tokens decoded until then
 
 
 _M32 = 0xFFFFFFFF
@@ -209,11 +211,14 @@ class _Batch:
 @torch.no_grad()
 @dynamic_shape_attention()  # the key length grows every step: a new attention shape per step
 def decode(model, requests: list[Request], temperature: float, top_p: float, greedy: bool, batch_size: int,
-           eos_ids: list[int], pad_id: int, on_done: Optional[Callable[[list[tuple[int, Decoded]]], list[Request]]]
-           = None, check_every: int = 8) -> list[Decoded]:
+           eos_ids: list[int], pad_id: int,
+           on_done: Optional[Callable[[list[tuple[int, Decoded]]], tuple[list[Request], list[int]]]] = None,
+           check_every: int = 8) -> list[Decoded]:
     """Decode every request (in the order given, as slots free up); `on_done(finished)` gets each batch of
-    newly finished (index, result) pairs and may return more requests, queued after the others (their
-    indices follow). Returns one result per request, added ones included, in index order."""
+    newly finished (index, result) pairs and returns (more requests, queued after the others: their indices
+    follow; indices of requests to drop: queued or running ones stop with the tokens they have, `dropped`,
+    and finished ones are left as they are). Returns one result per request, added ones included, in index
+    order."""
     device = next(model.parameters()).device
     # transformers 5.24 calls the cache argument `cache`, earlier versions `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -265,6 +270,15 @@ def decode(model, requests: list[Request], temperature: float, top_p: float, gre
             b.tokens = torch.cat([b.tokens, b.tokens.new_full((len(b), extra), pad_id)], 1)
             b.logps = torch.cat([b.logps, b.logps.new_zeros(len(b), extra)], 1)
 
+    def stop(b: _Batch, drop: set[int]) -> None:
+        """Running rows of dropped requests keep their tokens so far and leave at this harvest."""
+        rows = [r for r, i in enumerate(b.req.tolist()) if i in drop]
+        if rows:
+            counts, toks, lps = b.count[rows].tolist(), b.tokens[rows].cpu(), b.logps[rows].cpu()
+            for j, (r, n) in enumerate(zip(rows, counts)):
+                results[int(b.req[r])] = Decoded(toks[j, :n].tolist(), lps[j, :n].tolist(), False, True)
+            b.done[rows] = True
+
     live: Optional[_Batch] = None
     last = None  # the token each live row is fed next
     left = 0  # an upper bound of the steps any live row still takes (known at each harvest)
@@ -295,10 +309,15 @@ def decode(model, requests: list[Request], temperature: float, top_p: float, gre
                 ids = toks[j, :n].tolist()
                 results[i] = Decoded(ids, lps[j, :n].tolist(), bool(n) and ids[-1] in eos_ids)
                 finished_now.append((i, results[i]))
-            if on_done is not None:
-                for r in on_done(finished_now) or []:
-                    queue.append(len(requests))
-                    requests.append(r)
+            more, drop = on_done(finished_now) if on_done is not None else ([], [])
+            for r in more:
+                queue.append(len(requests))
+                requests.append(r)
+            drop = set(drop).difference(results)
+            if drop:
+                stop(live, drop)
+                queue = deque(i for i in queue if i not in drop)
+                results.update((i, Decoded([], [], False, True)) for i in drop.difference(results))
             stay = (~live.done).nonzero().flatten()
             if len(stay) == 0:
                 live = last = None

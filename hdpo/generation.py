@@ -24,7 +24,7 @@ import hashlib
 import logging
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,23 @@ class Rollout:
     finished: bool  # stopped at EOS (else cut at max_new_tokens)
 
 
+@dataclass
+class Speculation:
+    """Follow-ups started before their prompt's rollouts are done (`Generator.generate_then`'s `speculate`).
+
+    `asks[i]` is the follow-up prompt that prompt i would get (HDPO: its privileged prompt, should it be a
+    cliff); its m follow-ups start at once beside the rollouts instead of after them, so the two no longer
+    take one decoding step after the other: fewer steps, more rows per step. `ruled_out(finished)` gets each
+    batch of finished rollouts as (prompt, sample, rollout) and returns the prompts whose follow-ups are no
+    longer needed (HDPO: a correct rollout means no cliff): those stop at once; so do those of a prompt whose
+    `then` returns None. Backends that cannot stop rows run the two phases one after the other instead (the
+    same samples either way). The backend fills in what the dropped follow-ups cost."""
+    asks: dict[int, str]
+    ruled_out: Callable[[list[tuple[int, int, "Rollout"]]], Iterable[int]]
+    dropped_rows: int = 0  # follow-ups started and dropped
+    dropped_tokens: int = 0  # tokens decoded for them
+
+
 class Generator:
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[list[Rollout]]:
@@ -63,14 +80,17 @@ class Generator:
 
     def generate_then(self, prompts: list[str], n: int, sampling: Sampling,
                       then: Callable[[int, list[Rollout]], Optional[str]], m: int,
-                      seeds: Optional[list[int]] = None) -> tuple[list[list[Rollout]], dict[int, list[Rollout]]]:
+                      seeds: Optional[list[int]] = None, speculate: Optional[Speculation] = None
+                      ) -> tuple[list[list[Rollout]], dict[int, list[Rollout]]]:
         """n rollouts per prompt, and m rollouts of a follow-up prompt for each prompt i where `then(i, its
         rollouts)` returns one (HDPO: the privileged prompt of a cliff). Returns (the groups, {i: follow-ups}).
         A prompt's follow-ups draw from its second seed (`follow_seed`), so which prompts get follow-ups, and
-        when, changes no sample. This default runs the two phases one after the other; the transformers backend
-        overlaps them (same samples)."""
+        when, changes no sample. This default runs the two phases one after the other, `speculate` or not; the
+        transformers backend overlaps them (same samples)."""
         seeds = prompt_seeds(seeds, len(prompts))
         groups = self.generate(prompts, n, sampling, seeds)
+        if speculate is not None:  # every rollout goes to ruled_out before its group to `then`, as when speculating
+            speculate.ruled_out([(i, j, r) for i, g in enumerate(groups) for j, r in enumerate(g)])
         asks = {i: q for i, g in enumerate(groups) if (q := then(i, g)) is not None}
         keys = sorted(asks)
         more = self.generate([asks[i] for i in keys], m, sampling,
@@ -153,42 +173,74 @@ class TransformersGenerator(Generator):
         seeds = sample_seeds(seeds, len(prompt_ids), 1) if seeds is None else seeds
         return self._run([(list(p), s) for p, s in zip(prompt_ids, seeds)], sampling)
 
-    def generate_then(self, prompts, n, sampling, then, m, seeds=None):
+    def generate_then(self, prompts, n, sampling, then, m, seeds=None, speculate=None):
         """As `Generator.generate_then`, in one decode loop: a prompt's follow-ups are queued as soon as its n
-        rollouts are done, and share decoding steps with the rollouts still running."""
+        rollouts are done (with `speculate`: at once, behind the rollouts), and share decoding steps with the
+        rollouts still running."""
         seeds = prompt_seeds(seeds, len(prompts))
         ids = self.tok(prompts, add_special_tokens=False).input_ids
         jobs = [(ids[i], stream_seed(s, j)) for i, s in enumerate(seeds) for j in range(n)]  # job i * n + j
         owner: list[int] = []  # the prompt of each follow-up job (numbered from len(jobs) on)
         ended: dict[int, Rollout] = {}  # a prompt's plain rollouts, until its group is complete
+        ahead: dict[int, list[int]] = {}  # a prompt's speculative follow-up jobs, while they may be needed
+        dropped: set[int] = set()
 
-        def on_done(done: list[tuple[int, Rollout]]) -> list[tuple[list[int], int]]:
-            more = []
-            for job, r in done:
-                if job >= len(jobs):
-                    continue  # a follow-up
+        def follow_jobs(i: int, q: str) -> list[tuple[list[int], int]]:
+            q_ids = self.tok(q, add_special_tokens=False).input_ids
+            owner.extend([i] * m)
+            return [(q_ids, stream_seed(follow_seed(seeds[i]), j)) for j in range(m)]
+
+        def drop(i: int) -> list[int]:
+            dropped.update(ahead.get(i, []))
+            return ahead.pop(i, [])
+
+        def on_done(done: list[tuple[int, Rollout]]) -> tuple[list[tuple[list[int], int]], list[int]]:
+            more, stop = [], []
+            plain = [(job, r) for job, r in done if job < len(jobs)]  # not a follow-up
+            if speculate is not None and plain:
+                for i in set(speculate.ruled_out([(job // n, job % n, r) for job, r in plain])):
+                    stop += drop(i)
+            for job, r in plain:
                 ended[job] = r
                 i = job // n
                 if all(i * n + j in ended for j in range(n)):
                     q = then(i, [ended.pop(i * n + j) for j in range(n)])
-                    if q is not None:
-                        q_ids = self.tok(q, add_special_tokens=False).input_ids
-                        more += [(q_ids, stream_seed(follow_seed(seeds[i]), j)) for j in range(m)]
-                        owner.extend([i] * m)
-            return more
+                    if speculate is None:
+                        more += follow_jobs(i, q) if q is not None else []
+                    elif q is None:
+                        stop += drop(i)
+                    elif i not in ahead or q != speculate.asks.get(i):
+                        raise RuntimeError(f"prompt {i}: then() asks for follow-ups ({q[:60]!r}) that were not "
+                                           "started ahead, or were dropped as ruled out")
+                    else:
+                        ahead.pop(i)  # needed: they run to the end
+            return more, stop
 
-        out = self._run(jobs, sampling, on_done)
+        first = []
+        if speculate is not None:
+            for i, q in sorted(speculate.asks.items()):
+                ahead[i] = list(range(len(jobs) + len(first), len(jobs) + len(first) + m))
+                first += follow_jobs(i, q)
+        out = self._run(jobs, sampling, on_done, first)
         follow: dict[int, list[Rollout]] = {}
-        for i, r in zip(owner, out[len(jobs):]):
-            follow.setdefault(i, []).append(r)
+        for job, (i, r) in enumerate(zip(owner, out[len(jobs):]), start=len(jobs)):
+            if job in dropped:
+                speculate.dropped_rows += 1
+                speculate.dropped_tokens += len(r.response_ids)
+            else:
+                follow.setdefault(i, []).append(r)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))], dict(sorted(follow.items()))
 
     @torch.no_grad()
-    def _run(self, jobs: list[tuple[list[int], int]], s: Sampling, on_done=None) -> list[Rollout]:
-        """Rollouts of (prompt ids, seed) jobs; `on_done(list of (job, rollout))` may return more jobs."""
+    def _run(self, jobs: list[tuple[list[int], int]], s: Sampling, on_done=None,
+             later: Sequence[tuple[list[int], int]] = ()) -> list[Rollout]:
+        """Rollouts of (prompt ids, seed) jobs, then of the `later` ones (queued behind them, numbered after them);
+        `on_done(list of (job, rollout))` returns (more jobs, jobs to drop: their rollouts keep what was decoded
+        until then)."""
         jobs = list(jobs)
         out: dict[int, Rollout] = {}
         order: list[int] = []  # the job of each of decode's requests, in decode's order
+        request_of: dict[int, int] = {}  # and back
 
         def too_long(job: int) -> bool:
             p = jobs[job][0]
@@ -201,38 +253,51 @@ class TransformersGenerator(Generator):
 
         def request(job: int) -> Request:
             p, seed = jobs[job]
+            request_of[job] = len(order)
             order.append(job)
             return Request(p, min(s.max_new_tokens, self.max_total_length - len(p)), seed)
 
-        def settle(rolls: list[tuple[int, Rollout]]) -> list[Request]:
-            """Tell `on_done`; its new jobs become requests (an over-long one is done at once: tell again)."""
-            new = []
+        def settle(rolls: list[tuple[int, Rollout]]) -> tuple[list[int], list[int]]:
+            """Tell `on_done`: (its new jobs that need decoding, the jobs it drops). An over-long new job is done at
+            once: tell again."""
+            new, stop = [], []
             while rolls and on_done is not None:
-                added, rolls = on_done(rolls) or [], []
+                (added, dropped), rolls = on_done(rolls), []
+                stop += dropped
                 for p, seed in added:
                     jobs.append((list(p), seed))
                     if too_long(len(jobs) - 1):
                         rolls.append((len(jobs) - 1, out[len(jobs) - 1]))
                     else:
-                        new.append(request(len(jobs) - 1))
-            return new
+                        new.append(len(jobs) - 1)
+            return new, stop
 
-        def finished(done: list[tuple[int, Decoded]]) -> list[Request]:
+        def finished(done: list[tuple[int, Decoded]]) -> tuple[list[Request], list[int]]:
             rolls = []
             for k, d in done:
                 job = order[k]
                 out[job] = Rollout(list(jobs[job][0]), d.response_ids, d.logprobs,
                                    self.tok.decode(d.response_ids, skip_special_tokens=True), d.finished)
                 rolls.append((job, out[job]))
-            return settle(rolls)
+            new, stop = settle(rolls)
+            return [request(j) for j in new], [request_of[j] for j in stop if j in request_of]  # not: over-long
 
+        by_length = lambda js: sorted(js, key=lambda j: -len(jobs[j][0]))  # noqa: E731 (stable: groups stay together)
+        first = len(jobs)
+        jobs += [(list(p), seed) for p, seed in later]
         short = [j for j in range(len(jobs)) if not too_long(j)]
-        short.sort(key=lambda j: -len(jobs[j][0]))  # length buckets; stable, so a group's samples stay together
-        requests = [request(j) for j in short]
-        requests += settle([(j, out[j]) for j in range(len(jobs)) if j in out])
+        new, stop = settle([(j, out[j]) for j in range(len(jobs)) if j in out])  # over-long prompts: done already
+        for j in set(stop).difference(out):
+            out[j] = Rollout(list(jobs[j][0]), [], [], "", False)  # dropped before it started
+        short = [j for j in short if j not in out]
+        requests = [request(j) for j in by_length([j for j in short if j < first])]  # length buckets
+        requests += [request(j) for j in by_length([j for j in short if j >= first]) + new]
         with eval_mode(self.model):
-            decode(self.model, requests, s.temperature, s.top_p, s.greedy, self.batch_size, self.eos_ids,
-                   self.pad_id, finished)
+            results = decode(self.model, requests, s.temperature, s.top_p, s.greedy, self.batch_size, self.eos_ids,
+                             self.pad_id, finished)
+        for k, d in enumerate(results):
+            if d.dropped:  # what a dropped job decoded before it stopped
+                out[order[k]] = Rollout(list(jobs[order[k]][0]), d.response_ids, d.logprobs, "", False)
         return [out[j] for j in range(len(jobs))]
 
 

@@ -38,7 +38,7 @@ from hdpo import ledger as cliff_ledger
 from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
-from hdpo.generation import Sampling, follow_seed, make_generator, prompt_seeds
+from hdpo.generation import Sampling, Speculation, follow_seed, make_generator, prompt_seeds
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
 from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
                            plan_micro_batches, response_hidden)
@@ -265,6 +265,11 @@ class Trainer:
             self.priv_generator = make_generator(g.backend, self.frozen, self.tok, g.batch_size,
                                                  cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
                                                  cfg.model.dtype)
+        if self.hdpo_on and cfg.hdpo.privileged_start == "speculative" and (
+                g.backend != "transformers" or self.priv_generator is not self.generator
+                or cfg.hdpo.max_cliff_prompts_per_step < cfg.grpo.num_prompts_per_step):
+            log.warning("hdpo.privileged_start=speculative needs the transformers backend, the policy sampling the "
+                        "privileged rollouts and a cliff cap >= prompts per step: they start after the rollouts")
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -320,9 +325,24 @@ class Trainer:
         overlap = (self.hdpo_on and self.priv_generator is self.generator
                    and h.max_cliff_prompts_per_step >= cfg.grpo.num_prompts_per_step)
 
+        speculate, scores = None, {}
+        if overlap and h.privileged_start == "speculative":
+            def ruled_out(done: list) -> set[int]:
+                """Score rollouts as they finish; rewards are >= 0, so a partial sum above the threshold is final."""
+                t0 = time.time()
+                got = self.scorer.score([r.text for _, _, r in done], [answers[i] for i, _, _ in done])
+                scoring[0] += time.time() - t0
+                for (i, j, _), reward in zip(done, got):
+                    scores.setdefault(i, {})[j] = reward
+                return {i for i, _, _ in done if sum(scores[i].values()) > h.cliff_reward_sum}
+
+            speculate = Speculation({i: self._prompt(p, h.privileged_info) for i, p in enumerate(problems)},
+                                    ruled_out)
+
         def cliff_then(i: int, group: list) -> Optional[str]:
             t0 = time.time()
-            group_rewards[i] = self.scorer.score([r.text for r in group], [answers[i]] * K)
+            group_rewards[i] = ([scores[i][j] for j in range(K)] if speculate is not None
+                                else self.scorer.score([r.text for r in group], [answers[i]] * K))
             scoring[0] += time.time() - t0
             return self._prompt(problems[i], h.privileged_info) if overlap and (
                 sum(group_rewards[i]) <= h.cliff_reward_sum) else None
@@ -331,7 +351,7 @@ class Trainer:
         seeds = prompt_seeds(None, len(problems))  # from torch's RNG, seeded per (seed, step, rank)
         with self.amp():
             groups, early = self.generator.generate_then([self._prompt(p) for p in problems], K, self.sampling,
-                                                         cliff_then, M, seeds)
+                                                         cliff_then, M, seeds, speculate)
         faults.hit("rollout")
         times["rollout"], t = time.time() - t - scoring[0], time.time() - scoring[0]
         # 2. rewards and leave-one-out advantages
@@ -348,7 +368,8 @@ class Trainer:
         distill, generated, kept = [], 0, 0
         gen_per, kept_per, tail_per = {}, {}, {}  # per position in this rank's batch, for the cliff ledger
         n_grpo_local = sum(len(r.response_ids) for r in flat)  # GRPO's token normaliser (this rank's share)
-        gen_tokens = n_grpo_local
+        dropped = (speculate.dropped_rows, speculate.dropped_tokens) if speculate is not None else (0, 0)
+        gen_tokens = n_grpo_local + dropped[1]  # every decoded token counts, speculative ones dropped too
         if self.hdpo_on and cliffs:
             cliff_problems = [problems[i] for i in cliffs]
             if overlap:
@@ -445,9 +466,9 @@ class Trainer:
                  stats_after["parse_failures"] - stats_before["parse_failures"],
                  stats_after["timeouts"] - stats_before["timeouts"],
                  stats_after["timeouts_retried"] - stats_before["timeouts_retried"],
-                 parts["mismatch_sum"], parts["mismatch_tokens"]]
+                 parts["mismatch_sum"], parts["mismatch_tokens"], *dropped]
         (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to, retried, mm_sum,
-         mm_tok) = dist.sum_all(local)
+         mm_tok, drop_rows, drop_tokens) = dist.sum_all(local)
         return {
             "kind": "train", "step": step + 1,
             "loss/total": loss, "loss/grpo": loss_grpo, "loss/jsd": loss_jsd,
@@ -458,6 +479,9 @@ class Trainer:
             "teacher_pass_rate": kept_all / gen_all if gen_all else None,
             "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
             "tokens/privileged": int(gen_tokens - n_grpo),  # the privileged phase's share (per-phase speed)
+            # hdpo.privileged_start=speculative: privileged rollouts started ahead and dropped (no cliff), and
+            # their tokens (inside tokens/privileged and tokens/generated)
+            "privileged/dropped": int(drop_rows), "tokens/dropped": int(drop_tokens),
             "reward/parse_failures": int(pf), "reward/timeouts": int(to),
             "reward/timeouts_retried": int(retried),  # re-scored with eval.reward_retry_timeout_s
             "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,

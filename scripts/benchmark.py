@@ -79,21 +79,25 @@ def step_ratios(runs: Path) -> None:
         keys = [k for k in train[0] if k.startswith("time/")]
         mean = {k: statistics.mean(r[k] for r in train) for k in keys}
         tokens = statistics.mean(r["tokens/generated"] for r in train)
+        dropped = statistics.mean(r.get("tokens/dropped", 0) for r in train)  # speculative rows dropped
         gen_s = mean.get("time/rollout", 0.0) + mean.get("time/privileged", 0.0)
-        per_method[metrics.parent.name] = {**mean, "tokens": tokens}
+        per_method[metrics.parent.name] = {**mean, "tokens": tokens, "needed": tokens - dropped}
         together = mean.get("time/privileged", 0.0) == 0.0  # privileged rollouts inside the rollout loop
         apart = {p: (mean.get(f"time/{p}", 0.0), statistics.mean(r.get(f"tokens/{t}", 0) for r in train))
                  for p, t in (("rollout", "generated" if together else "grpo"), ("privileged", "privileged"))}
         line = ", ".join(f"{p} {1000 * s_ / n:.3f}" for p, (s_, n) in apart.items() if n and s_ > 0)
-        print(f"{metrics.parent.name}: {len(train)} steps, {tokens:,.0f} generated tokens/step in {gen_s:.1f}s: "
+        print(f"{metrics.parent.name}: {len(train)} steps, {tokens:,.0f} generated tokens/step"
+              f"{f' ({dropped:,.0f} of them dropped)' if dropped else ''} in {gen_s:.1f}s: "
               f"{1000 * gen_s / max(tokens, 1):.3f} s per 1k generated tokens ({line})")
     base = next((v for k, v in per_method.items() if k.startswith("grpo")), None)
     for name, m in per_method.items():
         line = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time/"))
         print(f"{name}: {line}")
         if base and m is not base:
-            step, tok = m["time/step"] / base["time/step"], m["tokens"] / base["tokens"]
-            print(f"{name} vs GRPO: step time {step:.2f}x, generated tokens {tok:.2f}x "
+            # the goal's tokens: the ones the step uses (speculative rows dropped are extra cost, not extra need)
+            step, tok = m["time/step"] / base["time/step"], m["needed"] / base["needed"]
+            spent = f", {m['tokens'] / base['tokens']:.2f}x with the dropped ones" if m["needed"] < m["tokens"] else ""
+            print(f"{name} vs GRPO: step time {step:.2f}x, generated tokens {tok:.2f}x{spent} "
                   f"({'no larger' if step <= tok else 'LARGER'}: HDPO {'costs' if step <= tok else 'exceeds'} "
                   f"what its extra tokens cost)")
 

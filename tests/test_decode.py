@@ -2,7 +2,7 @@
 
 Brute-force references: one request decoded alone, and the model's own full forward over prompt + response.
 Rows leave the batch, longer prompts join a running batch, the cache outgrows its room, follow-ups are
-queued by `on_done`: every sample, log-prob and finished flag stays the same.
+queued by `on_done`, or dropped by it: every sample, log-prob and finished flag stays the same.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hdpo.decode import Request, decode
-from hdpo.generation import Generator, Sampling, TransformersGenerator
+from hdpo.generation import Generator, Sampling, Speculation, TransformersGenerator
 
 EOS, PAD, V = 1, 0, 300
 
@@ -99,12 +99,31 @@ def test_follow_ups_are_the_requests_decoded_alone(model):
 
     def on_done(done):
         seen.extend(i for i, _ in done)
-        return [extra] if any(i == 2 for i, _ in done) else []
+        return ([extra] if any(i == 2 for i, _ in done) else []), []
 
     got = run(model, reqs, 3, on_done=on_done)
     assert len(got) == 8 and sorted(seen) == list(range(8))
     assert got[7].response_ids == run(model, [extra], 1)[0].response_ids
     assert [d.response_ids for d in got[:7]] == [d.response_ids for d in run(model, reqs, 7)]
+
+
+def test_dropped_requests_stop_and_the_others_do_not_change(model):
+    """`on_done` drops a running request and a queued one when request 0 ends: the running one keeps a prefix
+    of its tokens, the queued one none, both marked; every other request is decoded as without the drops."""
+    reqs = requests(9)
+    full = run(model, reqs, 9)
+    first = min(range(9), key=lambda i: len(full[i].response_ids))  # ends first: at the first harvest
+    long = max(range(9), key=lambda i: len(full[i].response_ids))
+
+    def on_done(done):
+        return [], ([long, 8] if any(i == first for i, _ in done) else [])
+
+    got = run(model, reqs, 5, on_done=on_done)  # request 8 waits in the queue at the first harvest
+    assert got[long].dropped and got[8].dropped and not got[8].response_ids
+    assert not got[long].finished and 0 < len(got[long].response_ids) < len(full[long].response_ids)
+    assert got[long].response_ids == full[long].response_ids[:len(got[long].response_ids)]
+    for i in set(range(9)) - {long, 8}:
+        assert not got[i].dropped and got[i].response_ids == full[i].response_ids
 
 
 class _Tok:
@@ -135,3 +154,40 @@ def test_generate_then_overlapped_equals_two_phases(model):
     assert ids(a_groups) == ids(b_groups)
     assert ids(a_more.values()) == ids(b_more.values())
     assert len({tuple(r.response_ids) for g in a_more.values() for r in g}) > 1
+
+
+def test_speculative_follow_ups_are_the_same_in_fewer_steps(model):
+    """With `speculate`, every prompt's follow-ups start beside the rollouts and a prompt's are dropped once one
+    of its rollouts rules them out: the same groups and follow-ups as the two phases one after the other, in
+    fewer decoding steps, and the dropped rows are counted."""
+    model.generation_config.eos_token_id = EOS
+    gen = TransformersGenerator(model, _Tok(), batch_size=64, max_total_length=400)
+    g = torch.Generator().manual_seed(2)
+    prompts = [" ".join(str(int(t)) for t in torch.randint(2, V, (4 + 3 * i,), generator=g)) for i in range(6)]
+    s = Sampling(max_new_tokens=48)
+    follow = {i: p + " 9 9 9 9" for i, p in enumerate(prompts)}
+    good = lambda r: 7 in r.response_ids  # noqa: E731  (a 'correct' rollout: no follow-ups needed)
+    then = lambda i, group: None if any(map(good, group)) else follow[i]  # noqa: E731
+    seeds = [21, 22, 23, 24, 25, 26]
+
+    def steps(**kw):  # decoding steps: forwards of the model
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            return gen.generate_then(prompts, 4, s, then, 3, seeds=seeds, **kw), len(calls)
+        finally:
+            hook.remove()
+
+    spec = Speculation(follow, lambda done: {i for i, _, r in done if good(r)})
+    (a_groups, a_more), a_steps = steps(speculate=spec)
+    (b_groups, b_more), b_steps = steps()
+    ids = lambda groups: [[r.response_ids for r in g] for g in groups]  # noqa: E731
+    assert ids(a_groups) == ids(b_groups)
+    assert sorted(a_more) == sorted(b_more) and 0 < len(a_more) < len(prompts)  # some prompts need follow-ups
+    assert ids(a_more.values()) == ids(b_more.values())
+    assert spec.dropped_rows == 3 * (len(prompts) - len(a_more)) and spec.dropped_tokens > 0
+    assert a_steps < b_steps
+    # the default (every other backend) runs the two phases whatever `speculate` asks: the same samples again
+    c_groups, c_more = Generator.generate_then(gen, prompts, 4, s, then, 3, seeds=seeds,
+                                               speculate=Speculation(follow, lambda done: ()))
+    assert ids(c_groups) == ids(a_groups) and ids(c_more.values()) == ids(a_more.values())

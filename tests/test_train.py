@@ -267,6 +267,31 @@ def test_training_runs_every_attention_without_cudnn(tiny_model_dir, tmp_path):
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def test_speculative_privileged_rollouts_train_the_same(tiny_model_dir, tmp_path):
+    """hdpo.privileged_start=speculative starts every prompt's privileged rollouts beside its rollouts and drops
+    those of prompts with a correct rollout: the same samples, rewards, cliffs, losses and weights as starting
+    them after the rollouts; only the dropped rows (counted) and their tokens differ."""
+    data = _data(tmp_path, {"7", "8"})  # 7: solved plainly (no cliff: dropped), 8: a cliff
+    a = _run(tmp_path, tiny_model_dir, "after", data)
+    b = _run(tmp_path, tiny_model_dir, "ahead", data, **{"hdpo.privileged_start": "speculative"})
+    rows_a, rows_b = (_metrics(t) for t in (a, b))
+    extra = ("tokens/generated", "tokens/privileged", "privileged/dropped", "tokens/dropped")
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/") and k not in extra}  # noqa: E731
+    for x, y in zip(rows_a, rows_b):
+        assert strip(x).keys() == strip(y).keys()
+        for k, v in strip(x).items():
+            w = strip(y)[k]
+            assert (v == pytest.approx(w, rel=1e-5, abs=1e-7)) if isinstance(v, float) else v == w, k
+    train_a, train_b = ([r for r in rows if r["kind"] == "train"] for rows in (rows_a, rows_b))
+    assert sum(r["cliffs"] for r in train_a) > 0 and sum(r["privileged/kept"] for r in train_a) > 0
+    assert all(r["privileged/dropped"] == 0 for r in train_a)
+    assert sum(r["privileged/dropped"] for r in train_b) > 0
+    for x, y in zip(train_a, train_b):  # every decoded token counts, dropped ones too
+        assert y["tokens/generated"] == x["tokens/generated"] + y["tokens/dropped"]
+    for x, y in zip(a.policy.state_dict().values(), b.policy.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
 def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
     data = _data(tmp_path, {"7", "8"})
     # the paper's GRPO record, and an HDPO set-up with lambda = 0 and a frozen teacher (which then must not matter)
