@@ -317,7 +317,8 @@ class Trainer:
         # 1. rollouts on the plain prompt; 2. rewards; 5. privileged rollouts on cliffs. When the cap cannot cut
         # the cliffs (cap >= prompts per step, the paper's setting) and the policy samples both, one decode loop
         # runs both: a cliff's privileged rollouts start as soon as its K rollouts are scored, beside the rollouts
-        # still running (same samples as the two phases one after the other: Generator.generate_then).
+        # still running (same samples as the two phases one after the other: Generator.generate_then); with
+        # hdpo.privileged_start=speculative every prompt's start at once and stop at its first correct rollout.
         answers = [p.answer for p in problems]
         stats_before = self.scorer.stats.as_dict()
         group_rewards: dict[int, list[float]] = {}
