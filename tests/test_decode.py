@@ -191,3 +191,22 @@ def test_speculative_follow_ups_are_the_same_in_fewer_steps(model):
     c_groups, c_more = Generator.generate_then(gen, prompts, 4, s, then, 3, seeds=seeds,
                                                speculate=Speculation(follow, lambda done: ()))
     assert ids(c_groups) == ids(a_groups) and ids(c_more.values()) == ids(a_more.values())
+
+
+def test_speculative_follow_ups_too_long_for_the_context_are_empty_or_dropped(model):
+    """A follow-up prompt with no room under max_total_length gets an empty rollout, as after the rollouts;
+    dropping it (its prompt solved) is no error, and the other prompts' follow-ups are unchanged."""
+    model.generation_config.eos_token_id = EOS
+    gen = TransformersGenerator(model, _Tok(), batch_size=8, max_total_length=40)
+    prompts = ["5 6 7", "8 9 10 11", "12 13"]
+    follow = {0: "3 " * 45, 1: "4 " * 45, 2: "5 6 7 8 9"}  # 0 and 1: longer than max_total_length
+    s = Sampling(max_new_tokens=12)
+    then = lambda i, group: follow[i] if i != 0 else None  # noqa: E731  (prompt 0 is solved)
+    spec = Speculation(follow, lambda done: {0} if any(i == 0 for i, _, _ in done) else set())
+    a_groups, a_more = gen.generate_then(prompts, 2, s, then, 2, seeds=[1, 2, 3], speculate=spec)
+    b_groups, b_more = gen.generate_then(prompts, 2, s, then, 2, seeds=[1, 2, 3])
+    assert sorted(a_more) == sorted(b_more) == [1, 2]
+    assert all(r.response_ids == [] and not r.finished for r in a_more[1])
+    ids = lambda groups: [[r.response_ids for r in g] for g in groups]  # noqa: E731
+    assert ids(a_groups) == ids(b_groups) and ids(a_more.values()) == ids(b_more.values())
+    assert spec.dropped_rows == 2 and spec.dropped_tokens == 0
