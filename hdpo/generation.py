@@ -61,11 +61,13 @@ class Speculation:
     take one decoding step after the other: fewer steps, more rows per step. `ruled_out(finished)` gets each
     batch of finished rollouts as (prompt, sample, rollout) and returns the prompts whose follow-ups are no
     longer needed (HDPO: a correct rollout means no cliff): those stop at once; so do those of a prompt whose
-    `then` returns None. Backends that cannot stop rows run the two phases one after the other instead (the
-    same samples either way). The backend fills in what the dropped follow-ups cost."""
+    `then` returns None; `then` may only return asks[i]. The rows start at once when the batch has room for
+    all of them (generation.batch_size >= prompts x (n + m)); else they wait behind the rollouts. Backends
+    that cannot stop rows run the two phases one after the other instead (the same samples either way, up to
+    float round-off). The backend fills in what the dropped follow-ups cost."""
     asks: dict[int, str]
     ruled_out: Callable[[list[tuple[int, int, "Rollout"]]], Iterable[int]]
-    dropped_rows: int = 0  # follow-ups started and dropped
+    dropped_rows: int = 0  # follow-ups started and dropped (dropped from the queue: not counted, nothing spent)
     dropped_tokens: int = 0  # tokens decoded for them
 
 
@@ -225,7 +227,7 @@ class TransformersGenerator(Generator):
         follow: dict[int, list[Rollout]] = {}
         for job, (i, r) in enumerate(zip(owner, out[len(jobs):]), start=len(jobs)):
             if job in dropped:
-                speculate.dropped_rows += 1
+                speculate.dropped_rows += bool(r.response_ids)  # a started row has decoded a token
                 speculate.dropped_tokens += len(r.response_ids)
             else:
                 follow.setdefault(i, []).append(r)

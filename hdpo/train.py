@@ -270,6 +270,12 @@ class Trainer:
                 or cfg.hdpo.max_cliff_prompts_per_step < cfg.grpo.num_prompts_per_step):
             log.warning("hdpo.privileged_start=speculative needs the transformers backend, the policy sampling the "
                         "privileged rollouts and a cliff cap >= prompts per step: they start after the rollouts")
+        elif self.hdpo_on and cfg.hdpo.privileged_start == "speculative" and g.batch_size < (
+                cfg.grpo.num_prompts_per_step // self.world * (cfg.grpo.num_generations_per_prompt
+                                                               + cfg.privileged_rollouts)):
+            log.warning("hdpo.privileged_start=speculative: generation.batch_size=%d has no room for every "
+                        "prompt's rollouts and privileged rollouts at once, so the privileged ones wait behind "
+                        "the rollouts (fewer decoding steps saved)", g.batch_size)
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
