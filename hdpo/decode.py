@@ -272,11 +272,12 @@ def decode(model, requests: list[Request], temperature: float, top_p: float, gre
 
     def stop(b: _Batch, drop: set[int]) -> None:
         """Running rows of dropped requests keep their tokens so far and leave at this harvest."""
-        rows = [r for r, i in enumerate(b.req.tolist()) if i in drop]
-        if rows:
+        hit = [(r, i) for r, i in enumerate(b.req.tolist()) if i in drop]  # (row, request)
+        if hit:
+            rows = [r for r, _ in hit]
             counts, toks, lps = b.count[rows].tolist(), b.tokens[rows].cpu(), b.logps[rows].cpu()
-            for j, (r, n) in enumerate(zip(rows, counts)):
-                results[int(b.req[r])] = Decoded(toks[j, :n].tolist(), lps[j, :n].tolist(), False, True)
+            for j, ((_, i), n) in enumerate(zip(hit, counts)):
+                results[i] = Decoded(toks[j, :n].tolist(), lps[j, :n].tolist(), False, True)
             b.done[rows] = True
 
     live: Optional[_Batch] = None

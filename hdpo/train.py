@@ -265,17 +265,20 @@ class Trainer:
             self.priv_generator = make_generator(g.backend, self.frozen, self.tok, g.batch_size,
                                                  cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
                                                  cfg.model.dtype)
-        if self.hdpo_on and cfg.hdpo.privileged_start == "speculative" and (
-                g.backend != "transformers" or self.priv_generator is not self.generator
-                or cfg.hdpo.max_cliff_prompts_per_step < cfg.grpo.num_prompts_per_step):
-            log.warning("hdpo.privileged_start=speculative needs the transformers backend, the policy sampling the "
-                        "privileged rollouts and a cliff cap >= prompts per step: they start after the rollouts")
-        elif self.hdpo_on and cfg.hdpo.privileged_start == "speculative" and g.batch_size < (
-                cfg.grpo.num_prompts_per_step // self.world * (cfg.grpo.num_generations_per_prompt
-                                                               + cfg.privileged_rollouts)):
-            log.warning("hdpo.privileged_start=speculative: generation.batch_size=%d has no room for every "
-                        "prompt's rollouts and privileged rollouts at once, so the privileged ones wait behind "
-                        "the rollouts (fewer decoding steps saved)", g.batch_size)
+        # One decode loop runs the rollouts and the cliffs' privileged rollouts when the policy samples both and
+        # the cap cannot cut the cliffs (cap >= prompts per step, the paper's setting): fixed for the run.
+        self.overlap = (self.hdpo_on and self.priv_generator is self.generator
+                        and cfg.hdpo.max_cliff_prompts_per_step >= cfg.grpo.num_prompts_per_step)
+        if self.hdpo_on and cfg.hdpo.privileged_start == "speculative":
+            if not self.overlap or g.backend != "transformers":
+                log.warning("hdpo.privileged_start=speculative needs the transformers backend, the policy sampling "
+                            "the privileged rollouts and a cliff cap >= prompts per step: they start after the "
+                            "rollouts")
+            elif g.batch_size < cfg.grpo.num_prompts_per_step // self.world * (cfg.grpo.num_generations_per_prompt
+                                                                                + cfg.privileged_rollouts):
+                log.warning("hdpo.privileged_start=speculative: generation.batch_size=%d has no room for every "
+                            "prompt's rollouts and privileged rollouts at once, so the privileged ones wait behind "
+                            "the rollouts (fewer decoding steps saved)", g.batch_size)
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -320,20 +323,18 @@ class Trainer:
         times, t = {}, time.time()
         problems = self._my_problems(step)
 
-        # 1. rollouts on the plain prompt; 2. rewards; 5. privileged rollouts on cliffs. When the cap cannot cut
-        # the cliffs (cap >= prompts per step, the paper's setting) and the policy samples both, one decode loop
-        # runs both: a cliff's privileged rollouts start as soon as its K rollouts are scored, beside the rollouts
-        # still running (same samples as the two phases one after the other: Generator.generate_then); with
-        # hdpo.privileged_start=speculative every prompt's start at once and stop at its first correct rollout.
+        # 1. rollouts on the plain prompt; 2. rewards; 5. privileged rollouts on cliffs. With self.overlap, one
+        # decode loop runs both: a cliff's privileged rollouts start as soon as its K rollouts are scored, beside
+        # the rollouts still running (same samples as the two phases one after the other:
+        # Generator.generate_then); with hdpo.privileged_start=speculative every prompt's start at once and stop
+        # at its first correct rollout.
         answers = [p.answer for p in problems]
         stats_before = self.scorer.stats.as_dict()
         group_rewards: dict[int, list[float]] = {}
         scoring = [0.0]  # seconds inside the loop spent scoring (the GPU waits): reported as the reward phase
-        overlap = (self.hdpo_on and self.priv_generator is self.generator
-                   and h.max_cliff_prompts_per_step >= cfg.grpo.num_prompts_per_step)
 
         speculate, scores = None, {}
-        if overlap and h.privileged_start == "speculative":
+        if self.overlap and h.privileged_start == "speculative":
             def ruled_out(done: list) -> set[int]:
                 """Score rollouts as they finish; rewards are >= 0, so a partial sum above the threshold is final."""
                 t0 = time.time()
@@ -351,7 +352,7 @@ class Trainer:
             group_rewards[i] = ([scores[i][j] for j in range(K)] if speculate is not None
                                 else self.scorer.score([r.text for r in group], [answers[i]] * K))
             scoring[0] += time.time() - t0
-            return self._prompt(problems[i], h.privileged_info) if overlap and (
+            return self._prompt(problems[i], h.privileged_info) if self.overlap and (
                 sum(group_rewards[i]) <= h.cliff_reward_sum) else None
 
         M = cfg.privileged_rollouts
@@ -379,7 +380,7 @@ class Trainer:
         gen_tokens = n_grpo_local + dropped[1]  # every decoded token counts, speculative ones dropped too
         if self.hdpo_on and cliffs:
             cliff_problems = [problems[i] for i in cliffs]
-            if overlap:
+            if self.overlap:
                 assert sorted(early) == cliffs, (sorted(early), cliffs)
                 priv = [early[i] for i in cliffs]
             else:
