@@ -51,6 +51,19 @@ class Rollout:
     text: str  # decoded response, special tokens skipped
     finished: bool  # stopped at EOS (else cut at max_new_tokens)
 
+    @classmethod
+    def cut(cls, prompt_ids: Sequence[int], response_ids: Sequence[int] = (), logprobs: Sequence[float] = ()):
+        """A rollout that never ran to its end: a prompt with no room left, or a row dropped as not needed."""
+        return cls(list(prompt_ids), list(response_ids), list(logprobs), "", False)
+
+
+def warn_no_room(prompt_lengths: list[int], max_total_length: int) -> None:
+    """One warning per call for the prompts that left no room to generate (their rollouts are empty)."""
+    if prompt_lengths:
+        log.warning("%d rollout(s) of prompts of %d-%d tokens are empty: no room under "
+                    "model.max_total_sequence_length=%d", len(prompt_lengths), min(prompt_lengths),
+                    max(prompt_lengths), max_total_length)
+
 
 @dataclass
 class Speculation:
@@ -243,14 +256,15 @@ class TransformersGenerator(Generator):
         out: dict[int, Rollout] = {}
         order: list[int] = []  # the job of each of decode's requests, in decode's order
         request_of: dict[int, int] = {}  # and back
+        over_long: list[int] = []
+        stopped: set[int] = set()  # dropped jobs: an over-long one among them needs no warning
 
         def too_long(job: int) -> bool:
             p = jobs[job][0]
             if len(p) < self.max_total_length:
                 return False
-            log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
-                        "its rollout is empty", len(p), self.max_total_length)
-            out[job] = Rollout(list(p), [], [], "", False)
+            over_long.append(job)
+            out[job] = Rollout.cut(p)
             return True
 
         def request(job: int) -> Request:
@@ -266,6 +280,7 @@ class TransformersGenerator(Generator):
             while rolls and on_done is not None:
                 (added, dropped), rolls = on_done(rolls), []
                 stop += dropped
+                stopped.update(dropped)
                 for p, seed in added:
                     jobs.append((list(p), seed))
                     if too_long(len(jobs) - 1):
@@ -290,7 +305,7 @@ class TransformersGenerator(Generator):
         short = [j for j in range(len(jobs)) if not too_long(j)]
         new, stop = settle([(j, out[j]) for j in range(len(jobs)) if j in out])  # over-long prompts: done already
         for j in set(stop).difference(out):
-            out[j] = Rollout(list(jobs[j][0]), [], [], "", False)  # dropped before it started
+            out[j] = Rollout.cut(jobs[j][0])  # dropped before it started
         short = [j for j in short if j not in out]
         requests = [request(j) for j in by_length([j for j in short if j < first])]  # length buckets
         requests += [request(j) for j in by_length([j for j in short if j >= first]) + new]
@@ -299,7 +314,8 @@ class TransformersGenerator(Generator):
                              self.pad_id, finished)
         for k, d in enumerate(results):
             if d.dropped:  # what a dropped job decoded before it stopped
-                out[order[k]] = Rollout(list(jobs[order[k]][0]), d.response_ids, d.logprobs, "", False)
+                out[order[k]] = Rollout.cut(jobs[order[k]][0], d.response_ids, d.logprobs)
+        warn_no_room([len(jobs[j][0]) for j in over_long if j not in stopped], self.max_total_length)
         return [out[j] for j in range(len(jobs))]
 
 

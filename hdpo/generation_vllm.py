@@ -67,7 +67,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from hdpo.generation import Generator, Rollout, Sampling, _eos_ids, sample_seeds
+from hdpo.generation import Generator, Rollout, Sampling, _eos_ids, sample_seeds, warn_no_room
 from hdpo.models import eval_mode
 
 log = logging.getLogger(__name__)
@@ -399,12 +399,11 @@ class VLLMGenerator(Generator):
         for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
             max_new = min(s.max_new_tokens, self.max_total_length - len(ids))
             if max_new < 1:  # as the transformers backend: an empty rollout and a warning, never a dead run
-                log.warning("a prompt of %d tokens leaves no room under model.max_total_sequence_length=%d; "
-                            "its rollout is empty", len(ids), self.max_total_length)
-                out[i] = Rollout(list(ids), [], [], "", False)
+                out[i] = Rollout.cut(ids)
                 continue
             todo.append(i)
             params.append(self.engine.make_params(**sampling_kwargs(s, max_new, self.eos_ids, seed)))
+        warn_no_room([len(ids) for ids, r in zip(prompt_ids, out) if r is not None], self.max_total_length)
         if todo:
             outs = self.engine.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in todo], params,
                                             use_tqdm=False)

@@ -193,9 +193,9 @@ def test_speculative_follow_ups_are_the_same_in_fewer_steps(model):
     assert ids(c_groups) == ids(a_groups) and ids(c_more.values()) == ids(a_more.values())
 
 
-def test_speculative_follow_ups_too_long_for_the_context_are_empty_or_dropped(model):
+def test_speculative_follow_ups_too_long_for_the_context_are_empty_or_dropped(model, caplog):
     """A follow-up prompt with no room under max_total_length gets an empty rollout, as after the rollouts;
-    dropping it (its prompt solved) is no error, and the other prompts' follow-ups are unchanged."""
+    dropping it (its prompt solved) is no error and no warning, and the other prompts' follow-ups are unchanged."""
     model.generation_config.eos_token_id = EOS
     gen = TransformersGenerator(model, _Tok(), batch_size=8, max_total_length=40)
     prompts = ["5 6 7", "8 9 10 11", "12 13"]
@@ -203,8 +203,11 @@ def test_speculative_follow_ups_too_long_for_the_context_are_empty_or_dropped(mo
     s = Sampling(max_new_tokens=12)
     then = lambda i, group: follow[i] if i != 0 else None  # noqa: E731  (prompt 0 is solved)
     spec = Speculation(follow, lambda done: {0} if any(i == 0 for i, _, _ in done) else set())
-    a_groups, a_more = gen.generate_then(prompts, 2, s, then, 2, seeds=[1, 2, 3], speculate=spec)
-    b_groups, b_more = gen.generate_then(prompts, 2, s, then, 2, seeds=[1, 2, 3])
+    with caplog.at_level("WARNING"):
+        a_groups, a_more = gen.generate_then(prompts, 2, s, then, 2, seeds=[1, 2, 3], speculate=spec)
+        b_groups, b_more = gen.generate_then(prompts, 2, s, then, 2, seeds=[1, 2, 3])
+    no_room = [r.getMessage() for r in caplog.records if "no room" in r.getMessage()]
+    assert len(no_room) == 2 and all(m.startswith("2 rollout(s)") for m in no_room)  # prompt 1's, in each run
     assert sorted(a_more) == sorted(b_more) == [1, 2]
     assert all(r.response_ids == [] and not r.finished for r in a_more[1])
     ids = lambda groups: [[r.response_ids for r in g] for g in groups]  # noqa: E731
