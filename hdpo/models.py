@@ -41,12 +41,27 @@ def gguf_path(mcfg: ModelConfig) -> Path:
     return path
 
 
+def gguf_tokenizer(src: Path):
+    """The GGUF's tokenizer with the special tokens its metadata names. transformers 5.17's conversion of
+    SmolLM2 takes <|im_start|> for EOS and sets no padding token, although the file says <|im_end|> for both
+    (5.24 reads them right); the model config read from the same file has the right ids."""
+    from transformers import AutoConfig
+
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    for role in ("eos", "pad"):
+        want = getattr(cfg, f"{role}_token_id", None)
+        if isinstance(want, int) and getattr(tok, f"{role}_token_id") != want:
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(want))
+    return tok
+
+
 def convert_gguf(src: Path, dest: Path) -> Path:
     """Dequantise a GGUF into a transformers folder once (atomic: a half-written folder never appears)."""
     if (dest / "config.json").exists():
         return dest
     log.info("converting %s into %s (once)", src.name, dest)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tok = gguf_tokenizer(src)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # The GGUF quantizer marks the model as not serialisable; the weights are already dequantised.
     model.hf_quantizer = None

