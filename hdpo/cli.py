@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder written by prepare-data")
     p.add_argument("--out", required=True, help="summary JSON path (samples go beside it)")
     p.add_argument("--method", default=None, help="the run's method (its record's settings apply)")
+    p.add_argument("--reuse", nargs="*", default=[], metavar="RESULT",
+                   help="results of other checkpoints to copy when they come from the same model files and "
+                        "settings (the workflow passes a run's final result to its best checkpoint)")
 
     p = sub.add_parser("preflight", help="check this node before a long run: kill/resume, memory, speed, verdict")
     _common(p)
@@ -178,7 +181,7 @@ def _run(args, cfg: Config) -> None:
             meta = {"run": "base", "method": "base", "seed": cfg.seed, "checkpoint": "base", "model_step": 0}
         elif not Path(args.model).is_dir():
             raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
-        evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out, meta)
+        evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out, meta, reuse=args.reuse)
     elif args.command == "preflight":
         import json
 

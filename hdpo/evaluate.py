@@ -4,15 +4,19 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from hdpo.config import Config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.generation import Generator, Sampling, problem_seed
-from hdpo.io import write_json, write_jsonl
+from hdpo.io import atomic_path, write_json, write_jsonl
 from hdpo.passk import mean_pass_at_k
 from hdpo.reward import RewardScorer
 
@@ -72,13 +76,95 @@ def summarise(correct_counts: list[int], greedy_rewards: list[Optional[float]], 
     return out
 
 
+def _sha256_files(paths: Sequence[Path], root: Optional[Path] = None) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path.relative_to(root) if root else path.name).encode() + b"\0")
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_digest(model_dir: str | Path) -> Optional[str]:
+    """sha256 of a policy folder's files (weights, configs, tokenizer), less its label (hdpo_meta.json): the
+    best and final policies of a run that peaked at its last step get the same digest. None for a Hub id."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return None
+    return _sha256_files(sorted(p for p in root.rglob("*") if p.is_file() and p.name != "hdpo_meta.json"), root)
+
+
+def eval_digest(cfg: Config, benchmark_file: Path) -> str:
+    """sha256 of what decides an evaluation's numbers besides the weights: the seed, the model, sampling and
+    evaluation settings (not the batch size or engine memory share, which change no sample), the benchmark
+    file itself, and the code (this package's sources, torch, transformers, math-verify): a result left by
+    older code is never copied."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> Optional[str]:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    package = Path(__file__).resolve().parent
+    keys = {"code": _sha256_files(sorted(package.rglob("*.py")), package),
+            "versions": {n: installed(n) for n in ("torch", "transformers", "math-verify", "vllm")},
+            "seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "eval": dataclasses.asdict(cfg.eval),
+            "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items()
+                           if k not in ("batch_size", "gpu_memory_utilization")},
+            "system_prompt": cfg.data.system_prompt, "benchmark": _sha256_files([benchmark_file])}
+    for k in ("val_period", "reward_workers", "cliff_probe_problems"):  # training-time or speed only
+        keys["eval"].pop(k)
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def samples_path(out_json: str | Path) -> Path:
+    out_json = Path(out_json)
+    return out_json.with_name(out_json.stem + ".samples.jsonl.gz")
+
+
+def _reusable(candidates: Sequence[str | Path], digests: dict) -> Optional[Path]:
+    """The first earlier result computed from the same model files under the same evaluation digest."""
+    for path in map(Path, candidates):
+        if not (path.is_file() and samples_path(path).is_file()):
+            continue
+        done = json.loads(path.read_text())
+        if None not in digests.values() and all(done.get(k) == v for k, v in digests.items()):
+            return path
+    return None
+
+
 def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data_dir: str | Path,
-                        out_json: str | Path, meta: Optional[dict] = None) -> dict:
-    """`hdpo evaluate`: a saved policy on one prepared benchmark -> summary JSON + per-problem records."""
+                        out_json: str | Path, meta: Optional[dict] = None,
+                        reuse: Sequence[str | Path] = ()) -> dict:
+    """`hdpo evaluate`: a saved policy on one prepared benchmark -> summary JSON + per-problem records.
+
+    `reuse`: results of other checkpoints (a run's final policy, for its best one). When one of them was
+    computed from the same model files under the same settings, its numbers and samples are copied rather
+    than drawn again: seeded evaluation would draw the very same samples (`score_problems`).
+    """
     from hdpo.generation import make_generator
     from hdpo.models import load_model, load_tokenizer
 
-    problems = read_problems(Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl")
+    bench_file = Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl"
+    problems = read_problems(bench_file)
+    meta = meta or _model_meta(model_dir)  # `meta`: e.g. the untrained model, which has no hdpo_meta.json
+    digests = {"model_digest": model_digest(model_dir), "eval_digest": eval_digest(cfg, bench_file)}
+    out_json = Path(out_json)
+    same = _reusable(reuse, digests)
+    if same is not None:
+        done = json.loads(same.read_text())
+        numbers = {k: v for k, v in done.items() if k not in meta and k != "reused_from"}
+        result = {**meta, **numbers, "reused_from": str(same)}
+        with atomic_path(samples_path(out_json)) as tmp:
+            shutil.copyfile(samples_path(same), tmp)
+        write_json(out_json, result)
+        log.info("%s: the same model files and settings as %s (model step %s): its results copied, not drawn "
+                 "again: %s", benchmark, same, meta.get("model_step"),
+                 {k: v for k, v in result.items() if k.startswith(("pass@", "greedy"))})
+        return result
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), cfg.model.dtype)
     gen = make_generator(cfg.generation.backend, model, tok, cfg.generation.batch_size,
@@ -89,10 +175,8 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
                       retry_timeout_s=cfg.eval.reward_retry_timeout_s) as scorer:
         summary, records = score_problems(problems, gen, tok, scorer, cfg, benchmark)
         reward_stats = scorer.stats.as_dict()
-    meta = meta or _model_meta(model_dir)  # `meta`: e.g. the untrained model, which has no hdpo_meta.json
-    result = {**meta, "benchmark": benchmark, **summary, "reward_stats": reward_stats}
-    out_json = Path(out_json)
-    write_jsonl(out_json.with_name(out_json.stem + ".samples.jsonl.gz"), records)
+    result = {**meta, "benchmark": benchmark, **summary, "reward_stats": reward_stats, **digests}
+    write_jsonl(samples_path(out_json), records)
     write_json(out_json, result)
     log.info("%s: %s", benchmark, {k: v for k, v in result.items() if k.startswith(("pass@", "greedy"))})
     return result
@@ -100,7 +184,5 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
 
 def _model_meta(model_dir: str | Path) -> dict:
     """Run, method, seed, checkpoint and step as recorded beside the saved policy by the trainer."""
-    import json
-
     meta_path = Path(model_dir) / "hdpo_meta.json"
     return json.loads(meta_path.read_text()) if meta_path.exists() else {"model": str(model_dir)}

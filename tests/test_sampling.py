@@ -304,3 +304,49 @@ def test_identical_checkpoints_give_identical_rows_through_the_cli(random_model_
     assert numbers and all(a[k] == b[k] for k in numbers)
     assert a["method"] != b["method"]
 
+
+
+def test_a_best_policy_equal_to_the_final_copies_its_result_and_no_other_does(random_model_dir, tiny_data, tmp_path):
+    """`hdpo evaluate --reuse`: a best policy with the final policy's files gets the final's numbers and samples
+    (what drawing them again gives: seeded evaluation), labelled as itself; other weights, another seed or
+    another benchmark file draw their own."""
+    from transformers import LlamaForCausalLM
+
+    from hdpo.evaluate import evaluate_checkpoint
+
+    def policy(name: str, checkpoint: str, nudge: float = 0.0) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(random_model_dir, folder)
+        if nudge:
+            model = LlamaForCausalLM.from_pretrained(folder)
+            with torch.no_grad():
+                model.model.norm.weight[0] += nudge
+            model.save_pretrained(folder)
+        (folder / "hdpo_meta.json").write_text(json.dumps({"run": "r_seed1", "method": "r", "seed": 1,
+                                                           "checkpoint": checkpoint, "model_step": 2}))
+        return folder
+
+    cfg = tiny_config(random_model_dir)
+    final_json = tmp_path / "eval" / "final" / "toy.json"
+    final = evaluate_checkpoint(cfg, policy("final", "final"), "toy", tiny_data, final_json)
+    best = policy("best", "best")
+    drawn = evaluate_checkpoint(cfg, best, "toy", tiny_data, tmp_path / "eval" / "drawn" / "toy.json")
+    copied = evaluate_checkpoint(cfg, best, "toy", tiny_data, tmp_path / "eval" / "best" / "toy.json",
+                                 reuse=[tmp_path / "missing.json", final_json])
+    assert copied["reused_from"] == str(final_json) and copied["checkpoint"] == "best" == drawn["checkpoint"]
+    assert {k: v for k, v in copied.items() if k not in ("reused_from", "seconds")} == \
+        {k: v for k, v in drawn.items() if k != "seconds"}
+    assert json.loads((tmp_path / "eval" / "best" / "toy.json").read_text()) == copied
+    assert _rows(tmp_path / "eval" / "best" / "toy.json") == _rows(tmp_path / "eval" / "drawn" / "toy.json")
+    assert final["model_digest"] == drawn["model_digest"]
+
+    nudged = evaluate_checkpoint(cfg, policy("nudged", "best", nudge=0.5), "toy", tiny_data,
+                                 tmp_path / "eval" / "nudged" / "toy.json", reuse=[final_json])
+    other_seed = evaluate_checkpoint(tiny_config(random_model_dir, seed=2), best, "toy", tiny_data,
+                                     tmp_path / "eval" / "seed2" / "toy.json", reuse=[final_json])
+    bench = tiny_data / "benchmarks" / "toy.jsonl"
+    bench.write_text("\n".join(bench.read_text().splitlines()[:2]) + "\n")
+    fewer = evaluate_checkpoint(cfg, best, "toy", tiny_data, tmp_path / "eval" / "fewer" / "toy.json",
+                                reuse=[final_json])
+    assert not any("reused_from" in r for r in (nudged, other_seed, fewer))
+    assert nudged["model_digest"] != final["model_digest"] and fewer["num_problems"] == 2

@@ -346,6 +346,8 @@ def _edit(path: Path) -> None:
 
 
 def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
+    from hdpo.evaluate import model_digest
+
     root = tiny_repo
     snakefile = root / "workflow" / "Snakefile"
     tiny = root / "config" / "tiny.yaml"
@@ -359,13 +361,21 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     assert len(list((logs / "train").glob("*.log"))) == 2 and len(list((logs / "evaluate").rglob("*.log"))) == 5
     base = json.loads((root / "results" / "eval" / "base" / "math500.json").read_text())
     assert base["model_step"] == 0 and base["checkpoint"] == "base" and base["num_problems"] == 2
+    reused = 0
     for run in ("grpo_seed1", "hdpo_frozen_lambda0.1_seed1"):
         rows = [json.loads(l) for l in (root / "results" / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
         assert [r["step"] for r in rows if r["kind"] == "val"] == [0, 1, 2]
-        for ckpt in ("final", "best"):
-            result = json.loads((root / "results" / "eval" / run / ckpt / "math500.json").read_text())
-            assert result["num_problems"] == 2 and 0.0 <= result["pass@1"] <= 1.0
+        final, best = (json.loads((root / "results" / "eval" / run / c / "math500.json").read_text())
+                       for c in ("final", "best"))
+        assert all(r["num_problems"] == 2 and 0.0 <= r["pass@1"] <= 1.0 for r in (final, best))
+        # a best policy with the final policy's or the untrained model's files copies that result
+        same = {r["model_digest"]: r for r in (base, final)}.get(
+            model_digest(root / "results" / "runs" / run / "policy_best"))
+        assert ("reused_from" in best) == (same is not None)
+        assert same is None or all(best[k] == same[k] for k in ("pass@1", "greedy_acc", "num_samples"))
+        reused += same is not None
+    assert reused >= 1  # seeded: at least one run's best policy has files already evaluated
     from hdpo.report.figures import FIGURE_NAMES
     from hdpo.report.tables import TABLE_FILES
 

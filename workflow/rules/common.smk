@@ -198,6 +198,27 @@ def method_arg(wildcards, input) -> str:
     return RUN_METHOD[wildcards.run]
 
 
+RUN_SEED = {f"{m}_seed{s}": s for m in METHODS for s in SEEDS}
+
+
+def reuse_input(wildcards) -> list[str]:
+    """A run's best policy is often its final one (the best validation at the last step, or no change since)
+    or the untrained model (no validation beat step 0). Its evaluation waits for theirs and copies the one
+    with the same model files, settings and code (`hdpo evaluate --reuse`) instead of drawing the same
+    samples again. The untrained model's row can match only when drawn with the run's seed (the config's) and
+    from local files (a GGUF or a folder; a Hub id has no files to compare)."""
+    if wildcards.ckpt != "best":
+        return []
+    same = [f"results/eval/{wildcards.run}/final/{wildcards.bench}.json"] if "final" in CHECKPOINTS else []
+    if RUN_SEED[wildcards.run] == str(CFG.seed) and (CFG.model.gguf_file or Path(CFG.model.name).is_dir()):
+        same.append(f"results/eval/base/{wildcards.bench}.json")
+    return same
+
+
+def reuse_arg(wildcards, input) -> str:
+    return " ".join(["--reuse", *map(shlex.quote, input.reuse)]) if input.reuse else ""
+
+
 # Jobs import the hdpo package beside this workflow. Under `--software-deployment-method conda` they run the
 # `python` of the rule's conda env (workflow/envs/hdpo.yaml: the dependencies); otherwise the interpreter
 # that runs Snakemake, so `.venv/bin/snakemake` works without activating .venv.

@@ -1,8 +1,10 @@
-# evaluate: one checkpoint (final | best) of one run on one benchmark (pass@k from n samples, greedy accuracy).
+# evaluate: one checkpoint (final | best) of one run on one benchmark (pass@k from n samples, greedy accuracy);
+# a best policy with the final one's files copies the final's result (reuse_input).
 rule evaluate:
     input:
         model="results/runs/{run}/policy_{ckpt}",
         data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
+        reuse=reuse_input,
     output:
         result="results/eval/{run}/{ckpt}/{bench}.json",
         samples="results/eval/{run}/{ckpt}/{bench}.samples.jsonl.gz",
@@ -10,6 +12,7 @@ rule evaluate:
         settings=evaluate_settings,
         config=configfile_arg,
         method=method_arg,
+        reuse=reuse_arg,
         python=python_arg,
         data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
     log:
@@ -26,7 +29,7 @@ rule evaluate:
     shell:
         "{params.python} -m hdpo evaluate --config {params.config:q} --model {input.model:q} --method {params.method}"
         " --benchmark {wildcards.bench}"
-        " --data {params.data:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output.result:q} --threads {threads} {params.reuse} > {log:q} 2>&1"
 
 
 # evaluate_base: the untrained model (step 0) on one benchmark, a row of its own in the benchmark tables.
