@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="summary JSON path (samples go beside it)")
     p.add_argument("--method", default=None, help="the run's method (its record's settings apply)")
     p.add_argument("--reuse", nargs="*", default=[], metavar="RESULT",
-                   help="results of other checkpoints to copy when they come from the same model files and "
-                        "settings (the workflow passes a run's final result to its best checkpoint)")
+                   help="results of other checkpoints to copy when they come from the same model files, "
+                        "settings and code (the workflow passes a run's final result and the untrained model's "
+                        "to its best checkpoint)")
 
     p = sub.add_parser("preflight", help="check this node before a long run: kill/resume, memory, speed, verdict")
     _common(p)
