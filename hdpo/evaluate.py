@@ -87,12 +87,16 @@ def _sha256_files(paths: Sequence[Path], root: Optional[Path] = None) -> str:
 
 
 def model_digest(model_dir: str | Path) -> Optional[str]:
-    """sha256 of a policy folder's files (weights, configs, tokenizer), less its label (hdpo_meta.json): the
-    best and final policies of a run that peaked at its last step get the same digest. None for a Hub id."""
+    """sha256 of a policy folder's files (weights, configs, tokenizer), less its label (hdpo_meta.json) and
+    hidden files (Snakemake's `.snakemake_timestamp` in a directory output): the best and final policies of a
+    run that peaked at its last step get the same digest, and so does a step-0 policy and the untrained
+    model's folder. None for a Hub id."""
     root = Path(model_dir)
     if not root.is_dir():
         return None
-    return _sha256_files(sorted(p for p in root.rglob("*") if p.is_file() and p.name != "hdpo_meta.json"), root)
+    files = [p for p in root.rglob("*") if p.is_file() and p.name != "hdpo_meta.json"
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return _sha256_files(sorted(files), root)
 
 
 def eval_digest(cfg: Config, benchmark_file: Path) -> str:

@@ -324,6 +324,7 @@ def test_a_best_policy_equal_to_the_final_copies_its_result_and_no_other_does(ra
             model.save_pretrained(folder)
         (folder / "hdpo_meta.json").write_text(json.dumps({"run": "r_seed1", "method": "r", "seed": 1,
                                                            "checkpoint": checkpoint, "model_step": 2}))
+        (folder / ".snakemake_timestamp").write_text(checkpoint)  # what Snakemake puts in a directory output
         return folder
 
     cfg = tiny_config(random_model_dir)
@@ -339,6 +340,13 @@ def test_a_best_policy_equal_to_the_final_copies_its_result_and_no_other_does(ra
     assert json.loads((tmp_path / "eval" / "best" / "toy.json").read_text()) == copied
     assert _rows(tmp_path / "eval" / "best" / "toy.json") == _rows(tmp_path / "eval" / "drawn" / "toy.json")
     assert final["model_digest"] == drawn["model_digest"]
+    # the untrained model's row (its folder has no label and no timestamp) is a candidate too
+    base_json = tmp_path / "eval" / "base" / "toy.json"
+    evaluate_checkpoint(cfg, random_model_dir, "toy", tiny_data, base_json, meta={"run": "base", "checkpoint": "base"})
+    from_base = evaluate_checkpoint(cfg, best, "toy", tiny_data, tmp_path / "eval" / "best0" / "toy.json",
+                                    reuse=[base_json])
+    assert from_base["reused_from"] == str(base_json) and from_base["checkpoint"] == "best"
+    assert from_base["run"] == "r_seed1" and from_base["pass@1"] == drawn["pass@1"]
 
     nudged = evaluate_checkpoint(cfg, policy("nudged", "best", nudge=0.5), "toy", tiny_data,
                                  tmp_path / "eval" / "nudged" / "toy.json", reuse=[final_json])
