@@ -54,8 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="the run's method (its record's settings apply)")
     p.add_argument("--reuse", nargs="*", default=[], metavar="RESULT",
                    help="results of other checkpoints to copy when they come from the same model files, "
-                        "settings and code (the workflow passes a run's final result and the untrained model's "
-                        "to its best checkpoint)")
+                        "settings and code (the workflow passes a run's final result to its best checkpoint)")
 
     p = sub.add_parser("preflight", help="check this node before a long run: kill/resume, memory, speed, verdict")
     _common(p)

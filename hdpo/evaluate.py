@@ -145,7 +145,7 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
                         reuse: Sequence[str | Path] = ()) -> dict:
     """`hdpo evaluate`: a saved policy on one prepared benchmark -> summary JSON + per-problem records.
 
-    `reuse`: results of other checkpoints (a run's final policy and the untrained model, for its best one).
+    `reuse`: results of other checkpoints (the workflow offers a run's final one to its best one).
     When one of them was computed from the same model files under the same `eval_digest`, its numbers and
     samples are copied rather than drawn again: seeded evaluation would draw the very same samples
     (`score_problems`)."""

@@ -198,21 +198,14 @@ def method_arg(wildcards, input) -> str:
     return RUN_METHOD[wildcards.run]
 
 
-RUN_SEED = {f"{m}_seed{s}": s for m in METHODS for s in SEEDS}
-
-
 def reuse_input(wildcards) -> list[str]:
-    """A run's best policy is often its final one (the best validation at the last step, or no change since)
-    or the untrained model (no validation beat step 0). Its evaluation waits for theirs and copies the one
-    with the same model files, settings and code (`hdpo evaluate --reuse`) instead of drawing the same
-    samples again. The untrained model's row can match only when drawn with the run's seed (the config's) and
-    from local files (a GGUF or a folder; a Hub id has no files to compare)."""
-    if wildcards.ckpt != "best":
-        return []
-    same = [f"results/eval/{wildcards.run}/final/{wildcards.bench}.json"] if "final" in CHECKPOINTS else []
-    if RUN_SEED[wildcards.run] == str(CFG.seed) and (CFG.model.gguf_file or Path(CFG.model.name).is_dir()):
-        same.append(f"results/eval/base/{wildcards.bench}.json")
-    return same
+    """A run's best policy is often its final one (the best validation at the last step, or no change since).
+    Its evaluation waits for the final one's and copies it (`hdpo evaluate --reuse`: only when the model files,
+    settings and code are the same) instead of drawing the same samples again. (The untrained model's row is
+    not offered: best evaluations would then rerun with every rerun of it, for a rare step-0 best.)"""
+    if wildcards.ckpt == "best" and "final" in CHECKPOINTS:
+        return [f"results/eval/{wildcards.run}/final/{wildcards.bench}.json"]
+    return []
 
 
 def reuse_arg(wildcards, input) -> str:
