@@ -228,3 +228,20 @@ def test_figures_png_and_pdf(full):
         assert len(data) > 5000
         assert data[:4] == (b"\x89PNG" if p.suffix == ".png" else b"%PDF")
     assert not list(out.glob("*.tmp"))  # written atomically, no leftovers
+
+
+def test_tick_labels_stay_a_few_characters_wide():
+    """A method with settings of its own (its label can be long) gets a wrapped tick label, so it does not run
+    into its neighbours' in the benchmark and cliff figures."""
+    from hdpo.report.names import method_short, methods_of
+
+    long = "HDPO drifting, λ=0.1, expand-then-sharpen"
+    cfg = from_dict({"experiment": {"methods": {
+        **paper_methods("grpo", "hdpo_frozen_lambda0.1"),
+        "ets": {"label": long, "distill_weight": 0.1, "settings": {"hdpo.reinject_cliffs_after_steps": 1}},
+        "grpo_long": {"label": "GRPO with a much longer group size", "distill_weight": 0.0,
+                      "settings": {"grpo.num_generations_per_prompt": 32}}}}})
+    methods_of(cfg)
+    assert method_short("grpo") == "GRPO" and method_short("hdpo_frozen_lambda0.1") == "frozen\nλ=0.1"
+    assert method_short("ets") == "drifting\nλ=0.1\nexpand-then-\nsharpen"  # 'HDPO' dropped, commas too
+    assert all(len(line) <= 12 for m in ("ets", "grpo_long") for line in method_short(m).split("\n"))

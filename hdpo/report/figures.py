@@ -282,7 +282,11 @@ def _fig_cliff_recovery(cfg: Config, results_dir: Path):
         _no_data(ax_bar)
     elif not any(met):
         _no_data(ax_bar, "no former cliff met again\n(none re-drawn or re-injected)")
-    ax_bar.set_xticks(x, [method_short(m) for m in methods], fontsize=5)
+    if len(methods) > 3:  # a narrow panel: upright one-line labels, or they run into each other
+        ax_bar.set_xticks(x, [method_short(m).replace("-\n", "-").replace("\n", " ") for m in methods],
+                          fontsize=5, rotation=90)
+    else:
+        ax_bar.set_xticks(x, [method_short(m) for m in methods], fontsize=5)
     ax_bar.set_ylim(0, max(1, max(met or [0])) * 1.35)
     ax_bar.set_title("met again / solved")
     ax_bar.set_ylabel("prompts (all seeds)")

@@ -5,6 +5,7 @@ rest of the report reads methods only through it and the helpers below.
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Optional
 
 from hdpo.config import Config, method_records
@@ -24,11 +25,19 @@ def methods_of(cfg: Config) -> dict[str, dict]:
     out = {}
     for name, rec in method_records(cfg).items():
         hdpo = rec.distill_weight > 0
-        short = f"{rec.teacher}\nλ={rec.distill_weight:g}" if hdpo and not rec.settings else rec.label
-        out[name] = {"label": rec.label, "short": "GRPO" if not hdpo and not rec.settings else short,
+        out[name] = {"label": rec.label, "short": _short(rec, hdpo),
                      "teacher": rec.teacher if hdpo else None, "distill_weight": float(rec.distill_weight)}
     _KNOWN.update(out)
     return out
+
+
+def _short(rec, hdpo: bool) -> str:
+    """A tick label a few characters wide: 'frozen\nλ=0.1'; a method with settings of its own, its label
+    wrapped (its 'HDPO' prefix dropped), so a long label does not run into its neighbours'."""
+    if not rec.settings:
+        return f"{rec.teacher}\nλ={rec.distill_weight:g}" if hdpo else "GRPO"
+    text = rec.label.removeprefix("HDPO ") if hdpo else rec.label
+    return "\n".join(line.rstrip(",") for line in textwrap.wrap(text, 12)) or rec.name
 
 
 def baseline_of(cfg: Config) -> Optional[str]:
