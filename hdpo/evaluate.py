@@ -99,12 +99,15 @@ def model_digest(model_dir: str | Path) -> Optional[str]:
     return _sha256_files(sorted(files), root)
 
 
-def eval_digest(cfg: Config, benchmark_file: Path) -> str:
+def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
     """sha256 of what decides an evaluation's numbers besides the weights: the seed, the model, sampling and
-    evaluation settings (not the batch size or engine memory share, which change no sample), the benchmark
-    file itself, and the code (this package's sources, torch, transformers, math-verify): a result left by
-    older code is never copied."""
+    evaluation settings (not the batch size or engine memory share, which change no sample), the benchmark's
+    name (it seeds the samples) and file, the device (CPU samples in float32, a GPU in the configured dtype,
+    and kernels differ between GPU models) and the code (this package's sources and the libraries that
+    tokenize, sample and verify): a result left by other code or hardware is never copied."""
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     def installed(name: str) -> Optional[str]:
         try:
@@ -113,12 +116,16 @@ def eval_digest(cfg: Config, benchmark_file: Path) -> str:
             return None
 
     package = Path(__file__).resolve().parent
+    libraries = ("torch", "transformers", "tokenizers", "jinja2", "math-verify", "latex2sympy2_extended", "sympy",
+                 "vllm")
     keys = {"code": _sha256_files(sorted(package.rglob("*.py")), package),
-            "versions": {n: installed(n) for n in ("torch", "transformers", "math-verify", "vllm")},
+            "versions": {n: installed(n) for n in libraries},
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "eval": dataclasses.asdict(cfg.eval),
             "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items()
                            if k not in ("batch_size", "gpu_memory_utilization")},
-            "system_prompt": cfg.data.system_prompt, "benchmark": _sha256_files([benchmark_file])}
+            "system_prompt": cfg.data.system_prompt, "benchmark": benchmark,
+            "benchmark_file": _sha256_files([benchmark_file])}
     for k in ("val_period", "reward_workers", "cliff_probe_problems"):  # training-time or speed only
         keys["eval"].pop(k)
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
@@ -134,10 +141,20 @@ def _reusable(candidates: Sequence[str | Path], digests: dict) -> Optional[Path]
     for path in map(Path, candidates):
         if not (path.is_file() and samples_path(path).is_file()):
             continue
-        done = json.loads(path.read_text())
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("%s: not a readable result (%s); not copied", path, err)
+            continue
         if None not in digests.values() and all(done.get(k) == v for k, v in digests.items()):
             return path
     return None
+
+
+# What a copied result takes from its source: the numbers and what they were drawn under, never the source's
+# labels (run, checkpoint, step, model path) or its timing.
+COPIED = ("num_problems", "num_samples", "temperature", "greedy_acc", "reward_stats", "model_digest",
+          "eval_digest")
 
 
 def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data_dir: str | Path,
@@ -148,22 +165,24 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     `reuse`: results of other checkpoints (the workflow offers a run's final one to its best one).
     When one of them was computed from the same model files under the same `eval_digest`, its numbers and
     samples are copied rather than drawn again: seeded evaluation would draw the very same samples
-    (`score_problems`)."""
+    (`score_problems`), and score them the same unless a math-verify time limit fell differently."""
     from hdpo.generation import make_generator
     from hdpo.models import load_model, load_tokenizer
 
     bench_file = Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl"
     problems = read_problems(bench_file)
     meta = meta or _model_meta(model_dir)  # `meta`: e.g. the untrained model, which has no hdpo_meta.json
-    digests = {"model_digest": model_digest(model_dir), "eval_digest": eval_digest(cfg, bench_file)}
+    t0 = time.time()
+    digests = {"model_digest": model_digest(model_dir), "eval_digest": eval_digest(cfg, benchmark, bench_file)}
     out_json = Path(out_json)
     same = _reusable(reuse, digests)
     if same is not None:
         done = json.loads(same.read_text())
-        numbers = {k: v for k, v in done.items() if k not in meta and k != "reused_from"}
-        result = {**meta, **numbers, "reused_from": str(same)}
+        numbers = {k: v for k, v in done.items() if k in COPIED or k.startswith("pass@")}
         with atomic_path(samples_path(out_json)) as tmp:
             shutil.copyfile(samples_path(same), tmp)
+        result = {**meta, "benchmark": benchmark, **numbers, "seconds": round(time.time() - t0, 2),
+                  "reused_from": str(same)}
         write_json(out_json, result)
         log.info("%s: the same model files and settings as %s (model step %s): its results copied, not drawn "
                  "again: %s", benchmark, same, meta.get("model_step"),

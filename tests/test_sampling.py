@@ -353,8 +353,11 @@ def test_a_best_policy_equal_to_the_final_copies_its_result_and_no_other_does(ra
     other_seed = evaluate_checkpoint(tiny_config(random_model_dir, seed=2), best, "toy", tiny_data,
                                      tmp_path / "eval" / "seed2" / "toy.json", reuse=[final_json])
     bench = tiny_data / "benchmarks" / "toy.jsonl"
+    shutil.copyfile(bench, bench.with_name("toy2.jsonl"))  # the same file under another name seeds other samples
+    renamed = evaluate_checkpoint(cfg, best, "toy2", tiny_data, tmp_path / "eval" / "toy2" / "toy2.json",
+                                  reuse=[final_json])
     bench.write_text("\n".join(bench.read_text().splitlines()[:2]) + "\n")
     fewer = evaluate_checkpoint(cfg, best, "toy", tiny_data, tmp_path / "eval" / "fewer" / "toy.json",
                                 reuse=[final_json])
-    assert not any("reused_from" in r for r in (nudged, other_seed, fewer))
+    assert not any("reused_from" in r for r in (nudged, other_seed, renamed, fewer))
     assert nudged["model_digest"] != final["model_digest"] and fewer["num_problems"] == 2

@@ -37,7 +37,7 @@ def _short(rec, hdpo: bool) -> str:
     if not rec.settings:
         return f"{rec.teacher}\nλ={rec.distill_weight:g}" if hdpo else "GRPO"
     text = rec.label.removeprefix("HDPO ") if hdpo else rec.label
-    return "\n".join(line.rstrip(",") for line in textwrap.wrap(text, 12)) or rec.name
+    return "\n".join(line.rstrip(",") for line in textwrap.wrap(text, 12, break_long_words=False)) or rec.name
 
 
 def baseline_of(cfg: Config) -> Optional[str]:
