@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from hdpo.config import Config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.generation import Generator, Sampling, problem_seed
-from hdpo.io import atomic_path, write_json, write_jsonl
+from hdpo.io import atomic_path, samples_path, write_json, write_jsonl
 from hdpo.passk import mean_pass_at_k
 from hdpo.reward import RewardScorer
 
@@ -131,13 +131,9 @@ def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def samples_path(out_json: str | Path) -> Path:
-    out_json = Path(out_json)
-    return out_json.with_name(out_json.stem + ".samples.jsonl.gz")
-
-
-def _reusable(candidates: Sequence[str | Path], digests: dict) -> Optional[Path]:
-    """The first earlier result computed from the same model files under the same evaluation digest."""
+def _reusable(candidates: Sequence[str | Path], digests: dict) -> Optional[tuple[Path, dict]]:
+    """The first earlier result (its path and contents) computed from the same model files under the same
+    evaluation digest."""
     for path in map(Path, candidates):
         if not (path.is_file() and samples_path(path).is_file()):
             continue
@@ -147,7 +143,7 @@ def _reusable(candidates: Sequence[str | Path], digests: dict) -> Optional[Path]
             log.warning("%s: not a readable result (%s); not copied", path, err)
             continue
         if None not in digests.values() and all(done.get(k) == v for k, v in digests.items()):
-            return path
+            return path, done
     return None
 
 
@@ -175,9 +171,9 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     t0 = time.time()
     digests = {"model_digest": model_digest(model_dir), "eval_digest": eval_digest(cfg, benchmark, bench_file)}
     out_json = Path(out_json)
-    same = _reusable(reuse, digests)
-    if same is not None:
-        done = json.loads(same.read_text())
+    found = _reusable(reuse, digests)
+    if found is not None:
+        same, done = found
         numbers = {k: v for k, v in done.items() if k in COPIED or k.startswith("pass@")}
         with atomic_path(samples_path(out_json)) as tmp:
             shutil.copyfile(samples_path(same), tmp)

@@ -127,6 +127,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def samples_path(result_json: str | Path) -> Path:
+    """The per-problem records written beside an evaluation's summary JSON (`<bench>.samples.jsonl.gz`)."""
+    result_json = Path(result_json)
+    return result_json.with_name(result_json.stem + ".samples.jsonl.gz")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 

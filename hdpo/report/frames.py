@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from hdpo.config import Config
+from hdpo.io import samples_path
 from hdpo.passk import pass_at_k
 from hdpo.paper import PAPER_SEED, PAPER_SELECTION, SOURCES, paper_value
 from hdpo.report.names import BASE, baseline_of, run_name, val_metrics
@@ -475,7 +476,7 @@ def bench_interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_B
             for seed in seeds:
                 path = _eval_path(results_dir, method, seed, ckpt, bench)
                 meta = _read_json(path)
-                recs = read_records(path.with_name(path.stem + ".samples.jsonl.gz"))
+                recs = read_records(samples_path(path))
                 if meta is None or not recs:
                     continue
                 per_seed[seed] = (meta, {str(r.get("id")): r for r in recs})
