@@ -246,6 +246,9 @@ def test_hdpo_moves_the_student_on_cliffs_where_grpo_cannot(tiny_model_dir, tmp_
     assert max(r["tokens/distill"] for r in rows) > 0
     assert _prob_of_answer(hdpo.policy, tok, "8") > before  # pulled toward the privileged teacher
     assert rows[-1]["reward/mean"] > 0  # and the former cliff prompts now get rewards: GRPO takes over
+    # the sampler's log-probs of the sampled tokens agree with the trainer's forward (same weights, float32)
+    diffs = [r["logprob/sampler_vs_trainer_abs_diff"] for r in rows]
+    assert any(x is not None for x in diffs) and all(x < 1e-3 for x in diffs if x is not None)
 
 
 def test_training_runs_every_attention_without_cudnn(tiny_model_dir, tmp_path):
@@ -293,11 +296,32 @@ def test_speculative_privileged_rollouts_train_the_same(tiny_model_dir, tmp_path
 
 
 def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
+    """lambda = 0: distillation items add exactly nothing to the loss and gradients (and lambda > 0 does add),
+    and a run with lambda = 0 skips HDPO's phases whatever its teacher settings: no frozen copy, no privileged
+    rollouts on its cliffs, the GRPO run's weights and metrics."""
+    model, tok = _load(tiny_model_dir)
+    items = _items(tok)
+    distill = _distill_items(model, tok, items)
+    n_grpo, n_distill = sum(len(r) for _, r, _ in items), sum(len(d.response_ids) for d in distill)
+
+    def update(weight, with_distill):
+        model.zero_grad(set_to_none=True)
+        parts = accumulate_gradients(model, items, distill if with_distill else [], n_grpo, n_distill, weight, 3,
+                                     0, 0.2, 0.2)
+        return parts, _grads(model)
+
+    (parts0, g0), (parts_none, g_none), (_, g_half) = update(0.0, True), update(0.0, False), update(0.5, True)
+    assert parts0["jsd"] > 0 and parts0["grpo"] == parts_none["grpo"]
+    assert all(torch.equal(g0[n], g_none[n]) for n in g_none)
+    assert any(not torch.allclose(g_half[n], g_none[n]) for n in g_none)
+
     data = _data(tmp_path, {"7", "8"})
-    # the paper's GRPO record, and an HDPO set-up with lambda = 0 and a frozen teacher (which then must not matter)
     a = _run(tmp_path, tiny_model_dir, "grpo", data, **{"hdpo.distill_weight": 0.0})
     b = _run(tmp_path, tiny_model_dir, "lambda0", data, **{"hdpo.distill_weight": 0.0, "hdpo.teacher": "frozen",
                                                            "hdpo.privileged_sampler": "teacher"})
+    assert b.frozen is None
+    train = [r for r in _metrics(b) if r["kind"] == "train"]
+    assert sum(r["cliffs"] for r in train) > 0 and all(r["privileged/generated"] == 0 for r in train)
     for x, y in zip(a.policy.state_dict().values(), b.policy.state_dict().values()):
         assert torch.equal(x, y)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
@@ -305,16 +329,49 @@ def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
 
 
 def test_frozen_teacher_stays_at_step_zero(tiny_model_dir, tmp_path):
+    """The frozen teacher keeps the step-0 weights and is the one the JSD reads: at step 1 it equals the
+    drifting teacher (same weights), so both runs agree; from step 2 on the policy has moved, the privileged
+    rollouts (sampled by the policy) are the same in both runs, and only the teacher's distributions differ."""
     data = _data(tmp_path, {"8"})
     model, _ = _load(tiny_model_dir)
-    t = _run(tmp_path, tiny_model_dir, "frozen", data, **{"hdpo.teacher": "frozen"})
+    steps = {"grpo.max_num_steps": 3, "eval.val_period": 3, "optimizer.lr": 1e-4}  # small steps: cliffs stay
+    t = _run(tmp_path, tiny_model_dir, "frozen", data, **{"hdpo.teacher": "frozen"}, **steps)
+    d = _run(tmp_path, tiny_model_dir, "drifting", data, **steps)
     assert t.frozen is not None and t.frozen is not t.policy
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.frozen.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.policy.state_dict().values()))
-    assert sum(r.get("privileged/kept", 0) for r in _metrics(t)) > 0
-    # the sampler's log-probs of the sampled tokens agree with the trainer's forward (same weights, float32)
-    diffs = [r["logprob/sampler_vs_trainer_abs_diff"] for r in _metrics(t) if r["kind"] == "train"]
-    assert any(d is not None for d in diffs) and all(d < 1e-3 for d in diffs if d is not None)
+    frozen, drifting = ([r for r in _metrics(x) if r["kind"] == "train"] for x in (t, d))
+    assert frozen[0]["loss/jsd"] == pytest.approx(drifting[0]["loss/jsd"], rel=1e-6) and frozen[0]["loss/jsd"] > 0
+    later = [(f, g) for f, g in zip(frozen[1:], drifting[1:]) if f["privileged/kept"] > 0]
+    assert later, "no step after the first distilled anything"
+    for f, g in later:
+        assert f["privileged/kept"] == g["privileged/kept"] and f["tokens/distill"] == g["tokens/distill"]
+        assert abs(f["loss/jsd"] - g["loss/jsd"]) > 1e-6 * max(f["loss/jsd"], g["loss/jsd"])
+
+
+def test_only_correct_privileged_rollouts_are_distilled(tiny_model_dir, tmp_path):
+    """The R = 1 filter: the tiny model answers 7 on the plain prompt and 8 on a privileged one, so a problem
+    whose gold is 9 is a cliff whose privileged rollouts all fail: none kept, nothing distilled, while the
+    gold-8 cliff beside it is distilled. Its tokens/distill counts the kept rollouts only."""
+    from hdpo.data import Problem
+    from hdpo.io import write_jsonl
+
+    probs = [Problem("toy:eight", "Toy problem number 1: what is the magic number?", None, "8", "toy"),
+             Problem("toy:nine", "Toy problem number 2: what is the magic number?", None, "9", "toy")]
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [p.to_dict() for p in probs])
+    write_jsonl(data / "val.jsonl", [p.to_dict() for p in probs])
+    t = _run(tmp_path, tiny_model_dir, "filter", data, **{"grpo.max_num_steps": 1})
+    ledger = {r["id"]: r for r in map(json.loads, (t.work_dir / "cliffs.jsonl").read_text().splitlines())}
+    K = t.cfg.grpo.num_generations_per_prompt
+    nine, eight = ledger["toy:nine"], ledger["toy:eight"]
+    assert nine["cliff"] and nine["privileged_generated"] == K
+    assert nine["privileged_kept"] == 0 and not nine["distilled"] and nine["teacher_tail_mass"] is None
+    assert eight["cliff"] and eight["privileged_kept"] > 0 and eight["distilled"]
+    row = next(r for r in _metrics(t) if r["kind"] == "train")
+    assert row["privileged/generated"] == 2 * K and row["privileged/kept"] == eight["privileged_kept"]
+    max_new = t.cfg.generation.max_new_tokens
+    assert 0 < row["tokens/distill"] <= eight["privileged_kept"] * max_new
 
 
 def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
