@@ -193,6 +193,10 @@ class EvalConfig:
     top_p: float = key(1.0, "nucleus cut of evaluation")
     pass_k: list[int] = key(doc="k of the reported pass@k", paper=True, factory=lambda: [1, 4, 8])
     greedy: bool = key(True, "also report greedy accuracy")
+    # The paper's NeMo-RL recipe does not validate at start (val_at_start: false), so its best is over trained
+    # steps; ours validates at step 0 for the untrained row, which must not crowd out a method's best.
+    best_includes_step0: bool = key(False, "whether the untrained model's validation (step 0) may be a run's best "
+                                           "over training (false: the best is over trained steps, as in the paper)")
     max_new_tokens: Optional[int] = key(None, "response tokens (null: generation.max_new_tokens)")
     reward_timeout_s: float = key(5.0, "math-verify time limit; a timeout scores 0")
     reward_retry_timeout_s: Optional[float] = key(

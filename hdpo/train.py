@@ -667,7 +667,8 @@ class Trainer:
             self.ledger = []
             row = self.validate(0)
             self._log(row)
-            if self._track_best(row, 0) and cfg.checkpoint.keep_best:
+            counts = cfg.eval.best_includes_step0 or cfg.grpo.max_num_steps == 0  # (a 0-step run has no other)
+            if counts and self._track_best(row, 0) and cfg.checkpoint.keep_best:
                 self.save_policy(self.work_dir / "policy_best", 0, "best")
         steps = cfg.grpo.max_num_steps
         # a progress bar on a terminal; elsewhere (Snakemake logs, SLURM) one line per step

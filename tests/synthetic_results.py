@@ -15,8 +15,10 @@ METHODS = ["grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.1", "hdpo_dri
 EFFECT = {"grpo": 0.0, "hdpo_frozen_lambda0.1": 0.15, "hdpo_drifting_lambda0.1": 0.10, "hdpo_drifting_lambda0.01": 0.0}
 
 
-def config(methods=METHODS, seeds=(1, 2), benchmarks=("math500",), n_samples=8, greedy=True):
-    return from_dict({"eval": {"pass_k": [1, 2, 4, 8], "num_samples": n_samples, "greedy": greedy},
+def config(methods=METHODS, seeds=(1, 2), benchmarks=("math500",), n_samples=8, greedy=True,
+           best_includes_step0=False):
+    return from_dict({"eval": {"pass_k": [1, 2, 4, 8], "num_samples": n_samples, "greedy": greedy,
+                               "best_includes_step0": best_includes_step0},
                       "grpo": {"num_prompts_per_step": 4, "num_generations_per_prompt": 4},
                       "experiment": {"methods": paper_methods(*methods), "seeds": list(seeds), "benchmarks": list(benchmarks),
                                      "checkpoints": ["final", "best"]}})

@@ -2,6 +2,7 @@
 files with per-problem records (tests/synthetic_results.py), checked against direct computations."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -37,8 +38,8 @@ def test_best_final_and_base_rows_match_the_records(grid):
         assert row(m, "final")["steps"] == "40/40" and row(m, "final")["n_seeds"] == 2
         # best: each seed's own step of highest mean pass@1 (the first one on ties)
         best_steps = []
-        for s in cfg.experiment.seeds:
-            means = {st: _pass1(counts[(m, s)], st).mean() for st in sorted(counts[(m, s)])}
+        for s in cfg.experiment.seeds:  # among trained steps: step 0 is the untrained model
+            means = {st: _pass1(counts[(m, s)], st).mean() for st in sorted(counts[(m, s)]) if st}
             best_steps.append(max(means, key=lambda st: (means[st], -st)))
         assert row(m, "best")["steps"] == "/".join(map(str, best_steps))
         r = row(m, "best")
@@ -57,6 +58,49 @@ def test_held_out_selects_on_one_half_and_reports_the_other():
     t, cols = select(m, "held-out", (pick, report))
     assert t == 1 and cols == report and m[t, cols].mean() == 0.0  # the honest answer: no gain on the rest
     assert select(m, "best", (pick, report))[0] == 1 and select(m, "final", (pick, report))[0] == 2
+
+
+def _perfect_step0(results, run):
+    """Make a run's untrained validation (step 0) score every problem, in its records and its metrics."""
+    path = results / "runs" / run / "val_problems.jsonl.gz"
+    with gzip.open(path, "rt") as fh:
+        rows = [json.loads(line) for line in fh]
+    for r in rows:
+        if r["step"] == 0:
+            r["num_correct"], r["greedy"] = [r["num_samples"]] * len(r["ids"]), [1.0] * len(r["ids"])
+    with gzip.open(path, "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = results / "runs" / run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for r in rows:
+        if r["kind"] == "val" and r["step"] == 0:
+            r.update({k: 1.0 for k in r if k.startswith("val/pass@") or k == "val/greedy_acc"})
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_best_over_training_leaves_out_the_untrained_step_unless_configured(tmp_path, include):
+    """A run whose untrained validation beats every trained one: its best (and held-out pick) is a trained step
+    unless eval.best_includes_step0, in Table 1's tidy frame and in the interval and difference frames alike."""
+    from hdpo.report.frames import best_candidates, table1_frame
+
+    assert best_candidates([0, 10, 20], False) == [1, 2] and best_candidates([0, 10, 20], True) == [0, 1, 2]
+    assert best_candidates([0], False) == [0]  # a 0-step run: the untrained model is all there is
+    cfg = syn.config(methods=["grpo", "hdpo_drifting_lambda0.1"], seeds=(1,), best_includes_step0=include)
+    results = tmp_path / "results"
+    syn.write_all(results, cfg)
+    _perfect_step0(results, "grpo_seed1")
+    tidy = table1_frame(cfg, results)
+    best = tidy[(tidy["method"] == "grpo") & (tidy["source"] == "ours") & (tidy["selection"] == "best")]
+    assert set(best["step"] == 0) == {include}
+    assert set(best["value"] == 1.0) == {include}
+    iv = interval_frame(cfg, results, n_boot=50)
+    for sel in ("best", "held-out"):
+        steps = set(iv[(iv["method"] == "grpo") & (iv["selection"] == sel)]["steps"])
+        assert (steps == {"0"}) == include and ("0" in steps) == include, (sel, steps)
+    diff = difference_frame(cfg, results, n_boot=50)
+    best_diff = diff[(diff["selection"] == "best") & (diff["metric"] == "pass@1")]["estimate"].iloc[0]
+    assert (best_diff < -0.3) == include  # against a perfect untrained GRPO, HDPO's best looks much worse
 
 
 def test_paired_differences_against_a_direct_computation(grid):

@@ -386,6 +386,14 @@ def test_resume_continues_the_same_trajectory(tiny_model_dir, tmp_path):
     assert strip(_metrics(full)) == strip(_metrics(resumed))
     summary = json.loads((resumed.run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and (resumed.run_dir / "policy_final" / "hdpo_meta.json").exists()
+    # the kept best policy: the first trained step with the highest validation pass@1 (step 0 never counts)
+    trained = [r for r in _metrics(full) if r["kind"] == "val" and r["step"] > 0]
+    top = max(r["val/pass@1"] for r in trained)
+    want = min(r["step"] for r in trained if r["val/pass@1"] == top)
+    for t in (full, resumed):
+        meta = json.loads((t.run_dir / "policy_best" / "hdpo_meta.json").read_text())
+        assert meta["model_step"] == want and meta["checkpoint"] == "best"
+        assert json.loads((t.run_dir / "summary.json").read_text())["best_checkpoint_step"] == want
 
 
 def _train_rank(rank, world, model_dir, data, out, port):

@@ -155,7 +155,8 @@ def table1_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     records = []
     for (method, seed, metric), grp in val.groupby(["method", "seed", "metric"], sort=False):
         grp = grp.sort_values("step", kind="stable")
-        best = grp.loc[grp["value"].idxmax()]  # idxmax: the first (earliest) maximum
+        pool = grp.iloc[best_candidates(grp["step"].tolist(), cfg.eval.best_includes_step0)]
+        best = pool.loc[pool["value"].idxmax()]  # idxmax: the first (earliest) maximum
         last = grp.iloc[-1]
         records.append({"method": method, "seed": seed, "source": OURS, "selection": "best", "metric": metric,
                         "value": float(best["value"]), "step": int(best["step"])})
@@ -356,23 +357,34 @@ def heldout_halves(ids: list[str], seed: int = 0) -> tuple[list[int], list[int]]
     return sorted(perm[:half].tolist()), sorted(perm[half:].tolist())
 
 
-def select(matrix: np.ndarray, selection: str, halves: tuple[list[int], list[int]]) -> tuple[int, list[int]]:
-    """-> (step position, problem positions to report) for one run's [T, P] matrix."""
+def best_candidates(steps: list[int], include_step0: bool) -> list[int]:
+    """Positions of the validation steps a best-over-training selection may pick: the trained steps unless
+    `include_step0` (eval.best_includes_step0); step 0 when it is all there is (a run of 0 steps)."""
+    trained = [i for i, s in enumerate(steps) if include_step0 or s != 0]
+    return trained or list(range(len(steps)))
+
+
+def select(matrix: np.ndarray, selection: str, halves: tuple[list[int], list[int]],
+           candidates: Optional[list[int]] = None) -> tuple[int, list[int]]:
+    """-> (step position, problem positions to report) for one run's [T, P] matrix; best and held-out pick
+    among the `candidates` step positions (default: all)."""
     all_p = list(range(matrix.shape[1]))
+    cand = list(range(matrix.shape[0])) if candidates is None else candidates
     if selection == "final":
         return matrix.shape[0] - 1, all_p
-    if selection == "best":
-        return int(np.argmax(np.nanmean(matrix, axis=1))), all_p  # argmax: the first (earliest) maximum
+    if selection == "best":  # argmax: the first (earliest) maximum
+        return cand[int(np.argmax(np.nanmean(matrix[cand], axis=1)))], all_p
     if selection == "held-out":
         pick, report = halves
-        return int(np.argmax(np.nanmean(matrix[:, pick], axis=1))), report
+        return cand[int(np.argmax(np.nanmean(matrix[cand][:, pick], axis=1)))], report
     if selection == "step 0":
         return 0, all_p
     raise ValueError(f"unknown selection {selection!r}")
 
 
 def _selected(scores: dict[tuple[str, int], RunScores], method: str, metric: str, selection: str,
-              ids: Optional[list[str]] = None) -> tuple[dict[int, np.ndarray], dict[int, int], list[str]]:
+              include_step0: bool, ids: Optional[list[str]] = None
+              ) -> tuple[dict[int, np.ndarray], dict[int, int], list[str]]:
     """Per seed of `method`: the selected step's scores on the report problems (restricted to `ids`)."""
     vecs, steps = {}, {}
     runs = {s: r for (m, s), r in scores.items() if m == method}
@@ -385,7 +397,7 @@ def _selected(scores: dict[tuple[str, int], RunScores], method: str, metric: str
     for seed, run in runs.items():
         pos = [run.ids.index(p) for p in common]
         mat = run.scores[metric][:, pos]
-        t, report = select(mat, selection, halves)
+        t, report = select(mat, selection, halves, best_candidates(run.steps, include_step0))
         report_ids = [common[i] for i in report]
         vecs[seed], steps[seed] = mat[t, report], run.steps[t]
     return vecs, steps, report_ids
@@ -402,7 +414,7 @@ def interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT) -
     for method, selection in plan:
         for metric in val_metrics(cfg):
             src = base_from if method == BASE else method
-            vecs, steps, _ = _selected(scores, src, metric, selection)
+            vecs, steps, _ = _selected(scores, src, metric, selection, cfg.eval.best_includes_step0)
             if not vecs or any(np.isnan(v).any() for v in vecs.values()):
                 continue
             seeds = sorted(vecs)
@@ -423,6 +435,7 @@ def difference_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT)
     records = []
     if base is None:
         return pd.DataFrame(columns=DIFF_COLUMNS)
+    step0 = cfg.eval.best_includes_step0
     for method in cfg.experiment.methods:
         if method == base:
             continue
@@ -435,8 +448,8 @@ def difference_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT)
                     common = ids if common is None else common & ids
                 if not common:
                     continue
-                a, _, _ = _selected(scores, method, metric, selection, sorted(common))
-                b, _, _ = _selected(scores, base, metric, selection, sorted(common))
+                a, _, _ = _selected(scores, method, metric, selection, step0, sorted(common))
+                b, _, _ = _selected(scores, base, metric, selection, step0, sorted(common))
                 seeds = sorted(set(a) & set(b))
                 if not seeds:
                     continue
