@@ -25,18 +25,6 @@ from typing import Iterable, Optional
 import torch
 
 
-def tail_mass(logits: torch.Tensor, topk_values: torch.Tensor) -> torch.Tensor:
-    """Per position, 1 - sum of softmax(logits) over the top-k: the mass the top-k cut leaves out.
-    logits [..., V], topk_values [..., k] (the k largest of logits). The float32 log-normaliser is taken one
-    leading row at a time, so a bf16 [B, T, V] batch never gets a second full float32 copy."""
-    with torch.no_grad():
-        if logits.dim() > 2:
-            lse = torch.stack([torch.logsumexp(row.float(), -1) for row in logits])
-        else:
-            lse = torch.logsumexp(logits.float(), -1)
-        return (1.0 - torch.exp(torch.logsumexp(topk_values.float(), -1) - lse)).clamp_min(0.0)
-
-
 def tail_summary(values: Iterable[float]) -> Optional[dict]:
     """mean, p50, p90, max of per-token tail masses (None when there are none)."""
     t = torch.tensor(list(values), dtype=torch.float64)

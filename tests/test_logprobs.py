@@ -71,6 +71,23 @@ def test_chunked_jsd_and_teacher_topk_equal_full_logits(temperature):
     torch.testing.assert_close(w.grad, ref_grads[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_teacher_tail_mass_is_the_softmax_mass_outside_its_topk(chunk, temperature):
+    """The ledger's teacher_tail_mass: per position, the mass of softmax(logits / T) outside the top-k tokens,
+    summed token by token over the rest of the vocabulary (and 0 when k is the whole vocabulary)."""
+    t_h, w, b = (x.detach() for x in _leaves(seed=3))
+    probs = torch.softmax((t_h @ w.T + b).double() / temperature, -1)
+    k = 5
+    _, ids, tails = chunked_topk(t_h, w, b, k, temperature=temperature, chunk=chunk, with_tail=True)
+    outside = torch.ones_like(probs, dtype=torch.bool).scatter_(-1, ids, False)
+    brute = torch.stack([probs[n][outside[n]].sum() for n in range(probs.shape[0])]).float()
+    torch.testing.assert_close(tails, brute, rtol=1e-5, atol=1e-6)
+    assert tails.min() > 0.01  # a real cut (the random logits spread their mass)
+    *_, none_left = chunked_topk(t_h, w, b, w.shape[0], temperature=temperature, chunk=chunk, with_tail=True)
+    assert none_left.abs().max() < 1e-6
+
+
 def test_no_full_vocabulary_tensor_is_kept_for_backward():
     """The autograd graph holds no [N, V] tensor: the saved tensors are the inputs and [chunk, ...] pieces."""
     h, w, _ = _leaves(N=64, H=8, V=5000, bias=False)
