@@ -43,6 +43,25 @@ def test_seed_variance_enters_through_the_seed_resampling():
     assert (iv.low, iv.high) == (0.0, 1.0) and iv.n_seeds == 2
 
 
+def test_two_level_bootstrap_matches_the_exact_enumeration_with_one_problem_draw_for_all_seeds():
+    """Seeds and problems both vary, with an interaction (which problem is easy depends on the seed): every one
+    of the 2^2 seed draws x 3^3 problem draws is equally likely, the same problem draw serving every seed.
+    Drawing problems afresh per seed would give another distribution (checked: it is told apart here)."""
+    arr = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 1.0]])
+    exact = np.array([arr[np.ix_(list(s), list(p))].mean()
+                      for s in itertools.product(range(2), repeat=2) for p in itertools.product(range(3), repeat=3)])
+    per_seed = np.array([np.mean([arr[a, list(pa)].mean(), arr[b, list(pb)].mean()])  # a per-seed problem draw
+                         for a, b in itertools.product(range(2), repeat=2)
+                         for pa in itertools.product(range(3), repeat=3) for pb in itertools.product(range(3), repeat=3)])
+    reps = bootstrap_means(arr, n_boot=100000, seed=5)
+    values = np.unique(np.round(np.concatenate([exact, per_seed]), 9))
+    freq = lambda x: np.array([np.isclose(x, v).mean() for v in values])  # noqa: E731
+    got, want, other = freq(reps), freq(exact), freq(per_seed)
+    assert np.abs(got - want).max() < 0.006
+    assert np.abs(other - want).max() > 0.02  # the test can tell the two schemes apart
+    assert reps.var() == pytest.approx(exact.var(), rel=0.03)
+
+
 def test_sign_flip_p_value_is_the_exact_enumeration():
     d = np.array([0.3, -0.1, 0.5, 0.2, 0.4, -0.05])
     brute = np.mean([abs(np.dot(s, d)) / len(d) >= abs(d.mean()) - 1e-12
