@@ -407,7 +407,14 @@ def _check(cfg: Config) -> None:
          "hdpo.reinject_cliffs_after_steps", "must be >= 1 or null")
     need(h.reinject_max_per_step is None or 1 <= h.reinject_max_per_step <= g.num_prompts_per_step,
          "hdpo.reinject_max_per_step", "must be in [1, grpo.num_prompts_per_step] or null")
+    need(0 <= h.cliff_reward_sum < g.num_generations_per_prompt, "hdpo.cliff_reward_sum",
+         "must be in [0, grpo.num_generations_per_prompt) (rewards are 0 or 1: below 0 no prompt is ever a cliff, "
+         "at K every prompt is)")
+    need(0 < h.teacher_min_reward <= 1, "hdpo.teacher_min_reward",
+         "must be in (0, 1] (rewards are 0 or 1: above 1 no privileged rollout is ever kept, at 0 wrong ones are)")
     need(o.lr > 0, "optimizer.lr", "must be > 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
+    need(o.eps > 0, "optimizer.eps", "must be > 0")
     need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
@@ -416,6 +423,9 @@ def _check(cfg: Config) -> None:
          "must be > 0 (the trainer's log-probs are of softmax(logits / temperature))")
     need(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
     need(cfg.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
+    need(0 < cfg.generation.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization", "must be in (0, 1]")
+    need(e.temperature > 0, "eval.temperature", "must be > 0 (greedy accuracy is eval.greedy)")
+    need(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     # A budget above the sequence length (or <= 0) would let the prompt leave room for ~1 token: every answer
     # cut short, a meaningless score.
     total = cfg.model.max_total_sequence_length
@@ -427,6 +437,9 @@ def _check(cfg: Config) -> None:
              "or null")
     need(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
     need(len(cfg.data.train) >= 1, "data.train", "needs at least one source")
+    for name in ("max_val_problems", "max_train_problems"):
+        value = getattr(cfg.data, name)
+        need(value is None or value >= 1, f"data.{name}", "must be >= 1 or null")
     need(e.val_period >= 1, "eval.val_period", "must be >= 1")
     need(e.num_samples >= 1, "eval.num_samples", "must be >= 1")
     for i, k in enumerate(e.pass_k):
@@ -442,6 +455,7 @@ def _check(cfg: Config) -> None:
 
     for where, spec in ([(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
                         + [(f"benchmarks.{n}", s) for n, s in cfg.benchmarks.items()]):
+        need(spec.limit is None or spec.limit >= 1, f"{where}.limit", "must be >= 1 or null")
         try:
             mapping_of(spec)
         except DataError as err:

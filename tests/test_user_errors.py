@@ -180,3 +180,28 @@ def test_bad_config_names_the_key(mutate, key):
     with pytest.raises(ConfigError) as err:
         from_dict(cfg)
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("eval.temperature", 0),
+    ("eval.temperature", -1),
+    ("eval.top_p", 0),
+    ("eval.top_p", 5),
+    ("optimizer.betas", [1.5, 2]),
+    ("optimizer.eps", -1),
+    ("hdpo.teacher_min_reward", 5),
+    ("hdpo.cliff_reward_sum", -1),
+    ("hdpo.cliff_reward_sum", 16),
+    ("generation.gpu_memory_utilization", 7),
+    ("data.max_val_problems", -3),
+    ("data.max_val_problems", 0),
+    ("data.max_train_problems", -5),
+    ("benchmarks.math500.limit", -1),
+])
+def test_values_that_would_yield_meaningless_numbers_are_refused(name, value):
+    """Each of these ran to the end before, writing numbers that meant nothing (pass@1 0 from empty samples,
+    HDPO that never keeps a rollout, a negative slice of the validation set)."""
+    cfg = load_config(REPO / "config" / "config.yaml")
+    with pytest.raises(ConfigError) as err:
+        from_dict(cfg.to_dict(), {name: value})
+    assert str(err.value).startswith(name) and "\n" not in str(err.value)
