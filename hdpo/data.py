@@ -115,6 +115,15 @@ def _answer_str(value: Any, key: str) -> str:
     raise DataError(f"field {key!r}: expected a number or a string, got {type(value).__name__}")
 
 
+def check_text(key: str, value: Any) -> None:
+    """A problem or answer must be non-empty text; an answer must hold a digit or a letter ('???' or 'None'
+    from a null would verify against a response that repeats it: a reward for nothing)."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"field {key!r}: empty or not text ({value!r})")
+    if key == "answer" and (value.strip() == "None" or not any(c.isalnum() for c in value)):
+        raise DataError(f"field {key!r}: {value!r} is not an answer (no digit or letter, or a null)")
+
+
 def _optional_text(row: dict, key: Optional[str]) -> Optional[str]:
     value = row.get(key) if key else None
     if not isinstance(value, str):
@@ -204,11 +213,34 @@ def _read_local(path: Path) -> list[tuple[int, dict]]:
     if name.endswith((".parquet", ".csv")):
         import datasets  # heavy import, only where needed
         builder = "parquet" if name.endswith(".parquet") else "csv"
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        from datasets.utils import logging as ds_logging
+
+        # datasets logs a parser error itself (and draws a bar): our one line below says it instead
+        verbosity, bars = ds_logging.get_verbosity(), datasets.is_progress_bar_enabled()
+        ds_logging.set_verbosity(ds_logging.CRITICAL)
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # datasets wraps the parser's error; its root cause names what is wrong
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"{path}: cannot be read as {builder} ({type(cause).__name__}: {first})") from None
+        finally:
+            ds_logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
         return list(enumerate(ds.to_list(), 1))
     if not name.endswith((".jsonl", ".json")):
         raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: row {line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
+                        ) from None
     if name.endswith(".json") and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -328,8 +360,7 @@ def _load_problems(spec: DatasetSpec, data_dir: Optional[str], name: Optional[st
             answers = mapped["answer"] if isinstance(mapped["answer"], list) else [mapped["answer"]]
             for key, values in (("problem", [mapped["problem"]]), ("answer", answers)):
                 for value in values:
-                    if not isinstance(value, str) or not value.strip():
-                        raise DataError(f"field {key!r}: empty or not text ({value!r})")
+                    check_text(key, value)
         except DataError as err:
             raise DataError(f"{origin}: row {rownum}: {err}") from None
         local_id = mapped.get("id")
@@ -459,9 +490,15 @@ def read_problems(path: str | Path) -> list[Problem]:
     problems = []
     for rownum, row in _read_local(Path(path)):
         try:
-            problems.append(Problem.from_dict(row))
+            p = Problem.from_dict(row)
+            check_text("problem", p.problem)
+            for answer in (p.answer if isinstance(p.answer, list) and p.answer else [p.answer]):
+                check_text("answer", answer)
         except KeyError as err:
             raise DataError(f"{path}: row {rownum}: field {err.args[0]!r}: missing") from None
+        except DataError as err:
+            raise DataError(f"{path}: row {rownum}: {err}") from None
+        problems.append(p)
     if not problems:  # pass@k of no problems is NaN, not a result
         raise DataError(f"{path}: no problems")
     return problems

@@ -205,3 +205,40 @@ def test_values_that_would_yield_meaningless_numbers_are_refused(name, value):
     with pytest.raises(ConfigError) as err:
         from_dict(cfg.to_dict(), {name: value})
     assert str(err.value).startswith(name) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"answer": None}, "field 'answer': empty or not text (None)"),
+    ({"answer": "???"}, "field 'answer': '???' is not an answer"),
+    ({"answer": "None"}, "field 'answer': 'None' is not an answer"),
+    ({"answer": []}, "field 'answer': empty or not text"),
+    ({"problem": None}, "field 'problem': empty or not text"),
+])
+def test_a_prepared_row_without_a_usable_problem_or_answer_names_its_row(tmp_path, row, needle):
+    """'???' or a null answer verified against a response that repeats it (a reward of 1 for nothing); a null
+    problem crashed the chat template after the model had loaded. Both stop before any model loads."""
+    import json
+
+    data = tmp_path / "data"
+    (data / "benchmarks").mkdir(parents=True)
+    good = {"id": "t:0", "problem": "What is 3 + 4?", "solution": None, "answer": "7", "source": "t"}
+    (data / "benchmarks" / "math500.jsonl").write_text(
+        json.dumps(good) + "\n" + json.dumps({**good, "id": "t:1", **row}) + "\n")
+    model = tmp_path / "policy"
+    model.mkdir()
+    out = tmp_path / "eval" / "math500.json"
+    one_line_error(*hdpo("evaluate", "--config", DEMO, "--model", str(model), "--benchmark", "math500",
+                         "--data", str(data), "--out", str(out)), "math500.jsonl: row 2", needle)
+    assert not out.exists()
+
+
+def test_unreadable_source_files_name_the_file_and_row(tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "2"}\n'
+                      b'{"problem": "caf\xe9", "answer": "3"}\n')
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"),
+                         "--set", f"data.train=[{{path: {latin}}}]"), f"{latin}: row 3: not UTF-8 text")
+    bad_csv = tmp_path / "rows.csv"
+    bad_csv.write_text("problem,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,4,extra,columns\n")
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"),
+                         "--set", f"data.train=[{{path: {bad_csv}}}]"), str(bad_csv), "cannot be read as csv")
