@@ -253,3 +253,31 @@ def test_tick_labels_stay_a_few_characters_wide():
     assert method_short("grpo") == "GRPO" and method_short("hdpo_frozen_lambda0.1") == "frozen\nλ=0.1"
     assert method_short("ets") == "drifting\nλ=0.1\nexpand-then-\nsharpen"  # 'HDPO' dropped, commas too
     assert all(len(line) <= 12 for m in ("ets", "grpo_long") for line in method_short(m).split("\n"))
+
+
+def test_rates_outside_zero_one_are_left_out_with_a_warning(full, caplog):
+    """A hand-edited or corrupted result (pass@1 = 7.5, -3) never becomes a table's number."""
+    cfg, results, vals = full
+    path = results / "runs" / "grpo_seed42" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    last = max(r["step"] for r in rows if r["kind"] == "val")
+    for r in rows:
+        if r["kind"] == "val" and r["step"] == last:
+            r["val/pass@1"] = -3.0
+        if r["kind"] == "val" and r["step"] == 10:
+            r["val/pass@4"] = 7.5
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = results / "eval" / "grpo_seed42" / "final" / "math500.json"
+    ev.write_text(json.dumps({**json.loads(ev.read_text()), "pass@1": 7.5}))
+    with caplog.at_level("WARNING"):
+        tidy = table1_frame(cfg, results)
+        bench = benchmarks_frame(cfg, results)
+    ours = tidy[(tidy["method"] == "grpo") & (tidy["source"] == "ours")]
+    assert ours["value"].between(0, 1).all()
+    final = ours[(ours["selection"] == "final") & (ours["metric"] == "pass@1")].iloc[0]
+    assert final["step"] < last  # the last validation's pass@1 was left out, not reported as -3
+    assert bench["value"].between(0, 1).all()
+    assert not ((bench["method"] == "grpo") & (bench["checkpoint"] == "final") & (bench["benchmark"] == "math500")
+                & (bench["metric"] == "pass@1")).any()
+    assert f"step {last}: val/pass@1" in caplog.text and "step 10: val/pass@4" in caplog.text
+    assert f"{ev}: pass@1" in caplog.text and "not a rate in [0, 1]" in caplog.text

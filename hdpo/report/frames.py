@@ -73,6 +73,15 @@ def _read_json(path: Path) -> Optional[dict]:
     return obj
 
 
+def _rate(value: Any, where: str) -> float:
+    """A pass@k or accuracy: a number in [0, 1], else NaN (left out) with a warning naming where it was."""
+    v = _number(value)
+    if not math.isnan(v) and not 0.0 <= v <= 1.0:
+        logger.warning("%s: %s is not a rate in [0, 1]; left out", where, v)
+        return math.nan
+    return v
+
+
 def _number(value: Any) -> float:
     """A finite float, or NaN for null / missing / non-numeric."""
     if isinstance(value, bool) or value is None:
@@ -107,7 +116,8 @@ def val_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
             rows = read_metrics(results_dir / "runs" / run_name(method, seed) / "metrics.jsonl")
             for row in _rows_by_step(rows, "val"):
                 for m in metrics:
-                    v = _number(row.get(f"val/{m}"))
+                    v = _rate(row.get(f"val/{m}"), f"{run_name(method, seed)}/metrics.jsonl: step {row.get('step')}: "
+                                                   f"val/{m}")
                     if not math.isnan(v):
                         records.append({"method": method, "seed": int(seed), "step": int(row["step"]),
                                         "metric": m, "value": v})
@@ -187,13 +197,14 @@ def benchmarks_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
         for seed in seeds:
             for ckpt in ckpts:
                 for bench in cfg.experiment.benchmarks:
-                    obj = _read_json(_eval_path(results_dir, method, seed, ckpt, bench))
+                    path = _eval_path(results_dir, method, seed, ckpt, bench)
+                    obj = _read_json(path)
                     if obj is None:
                         continue
                     metrics = sorted((k for k in obj if re.fullmatch(r"pass@\d+", k)), key=lambda k: int(k[5:]))
                     metrics += ["greedy_acc"] if "greedy_acc" in obj else []
                     for m in metrics:
-                        v = _number(obj.get(m))
+                        v = _rate(obj.get(m), f"{path}: {m}")
                         if math.isnan(v):
                             continue
                         records.append({"method": method, "seed": None if seed is None else int(seed),
