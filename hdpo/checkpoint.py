@@ -234,6 +234,9 @@ class RunLock:
 
 def check_writable(folder: str | Path, what: str) -> None:
     folder = Path(folder)
+    taken = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise RunError(f"cannot write the {what} folder {folder}: {taken} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", suffix=".tmp"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override config keys, e.g. --set grpo.max_num_steps=10 hdpo.teacher=frozen")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (Snakemake passes the job's threads; avoids oversubscription)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-baseline", action="store_true",
                    help="also measure transformers' own generate on the same bf16 copy, and ours from the "
                         "float32 master under autocast (baselines in the same run)")
-    p.add_argument("--gen-batch", type=int, default=None, help="generation batch (default 256; tiny 8)")
-    p.add_argument("--gen-new", type=int, default=None, help="new tokens per sequence (default 256; tiny 16)")
+    p.add_argument("--gen-batch", type=_positive_int, default=None, help="generation batch (default 256; tiny 8)")
+    p.add_argument("--gen-new", type=_positive_int, default=None, help="new tokens per sequence (default 256; tiny 16)")
 
     p = sub.add_parser("report", help="tables or figures from aggregated results")
     p.add_argument("what", choices=["tables", "figures"])
@@ -96,13 +107,14 @@ def _config(args) -> Config:
 
 def _user_error(err: BaseException) -> str:
     """One line for a mistake in the user's input (a path, a file's content, the network), else ''."""
+    from hdpo.checkpoint import RunError
     from hdpo.data import DataError
     from hdpo.models import ModelSourceError
 
-    if isinstance(err, (DataError, ModelSourceError)):
+    if isinstance(err, (DataError, ModelSourceError, RunError)):
         return str(err)
-    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        return f"{err.filename}: {err.strerror}" if err.filename else str(err)
+    if isinstance(err, OSError):  # a missing or unwritable path, a full disk: the machine's state, not a bug
+        return f"{err.filename}: {err.strerror}" if err.filename else (err.strerror or str(err))
     return ""
 
 
@@ -117,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not sys.stderr.isatty():  # in a job's log a library's progress bar is noise; our log lines say it
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and datasets' bars
     try:
         cfg = _config(args)
     except (ConfigError, ValueError) as err:
@@ -143,9 +157,12 @@ def _run(args, cfg: Config) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    from hdpo.checkpoint import check_writable
+
     if args.command == "prepare-data":
         from hdpo.data import prepare_data
 
+        check_writable(args.out, "prepared data")
         try:
             summary = prepare_data(cfg, args.out, args.data_dir)  # None: $HDPO_DATA_DIR
         except ConnectionError as err:
@@ -181,24 +198,29 @@ def _run(args, cfg: Config) -> None:
             meta = {"run": "base", "method": "base", "seed": cfg.seed, "checkpoint": "base", "model_step": 0}
         elif not Path(args.model).is_dir():
             raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
+        check_writable(Path(args.out).parent, "evaluation output")  # before the evaluation, not after it
         evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out, meta, reuse=args.reuse)
     elif args.command == "preflight":
         import json
 
+        from hdpo.io import atomic_write_text
         from hdpo.preflight import preflight, table
 
         out = Path(args.out)
+        check_writable(out.parent, "preflight verdict")
         verdict = preflight(cfg, Path(args.work_dir) if args.work_dir else out.parent / "work",
                             tiny=True if args.tiny else None, resume_check=not args.skip_resume,
                             checkpoint_check=not args.skip_checkpoint, gen_batch=args.gen_batch,
                             gen_new=args.gen_new, gen_baseline=args.gen_baseline)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(verdict, indent=2, default=str))
-        print(table(verdict))
+        print(table(verdict))  # first: a verdict that cannot be written is still seen
+        atomic_write_text(out, json.dumps(verdict, indent=2, default=str))
         log.info("wrote %s", out)
         if not verdict["fits"]:
             raise SystemExit(1)
     elif args.command == "report":
+        if not Path(args.results).is_dir():  # else every table would be written full of dashes
+            raise FileNotFoundError(2, "no such results folder", args.results)
+        check_writable(args.out, "report output")
         if args.what == "tables":
             from hdpo.report.tables import write_tables as write
         else:

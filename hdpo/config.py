@@ -410,8 +410,8 @@ def _check(cfg: Config) -> None:
     need(0 <= h.cliff_reward_sum < g.num_generations_per_prompt, "hdpo.cliff_reward_sum",
          "must be in [0, grpo.num_generations_per_prompt) (rewards are 0 or 1: below 0 no prompt is ever a cliff, "
          "at K every prompt is)")
-    need(0 < h.teacher_min_reward <= 1, "hdpo.teacher_min_reward",
-         "must be in (0, 1] (rewards are 0 or 1: above 1 no privileged rollout is ever kept, at 0 wrong ones are)")
+    need(0 <= h.teacher_min_reward <= 1, "hdpo.teacher_min_reward",
+         "must be in [0, 1] (rewards are 0 or 1: above 1 no privileged rollout is ever kept)")
     need(o.lr > 0, "optimizer.lr", "must be > 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
     need(o.eps > 0, "optimizer.eps", "must be > 0")
@@ -563,7 +563,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not YAML ({problem})") from None
 
 
 def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None, _runs: bool = True) -> Config:

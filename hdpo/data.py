@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -265,7 +267,7 @@ def _resolve(spec: DatasetSpec, data_dir: Optional[str]) -> Optional[Path]:
     if spec.path:
         path = Path(spec.path)
         if not path.is_file():
-            raise DataError(f"dataset {spec}: path {spec.path!r} does not exist")
+            raise DataError(f"path {spec.path!r}: no such file")
         return path
     data_dir = data_dir or os.environ.get("HDPO_DATA_DIR")
     if spec.file and data_dir and (Path(data_dir) / spec.file).is_file():
@@ -350,7 +352,10 @@ def _load_problems(spec: DatasetSpec, data_dir: Optional[str], name: Optional[st
     """`name` (a benchmark's, say) prefixes ids and names the source when the spec has no format."""
     m = mapping_of(spec)
     source = spec.format or name or "data"
-    pairs, origin = _load(spec, data_dir)
+    try:
+        pairs, origin = _load(spec, data_dir)
+    except DataError as err:
+        raise DataError(f"{err}" + (f" (dataset {name!r})" if name else "")) from None
     if not pairs:  # an empty benchmark would score NaN; an empty training source, nothing
         raise DataError(f"{origin}: no rows" + (f" (dataset {name!r})" if name else ""))
     problems = []
@@ -452,21 +457,31 @@ def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = Non
     train, val = split_train_val(pool, d.val_fraction, d.split_seed, d.max_val_problems)
     dropped = len(pool) - len(train) - len(val)
     logger.info("split %d problems: %d train, %d validation (seed %d)", len(pool), len(train), len(val), d.split_seed)
-    write_jsonl(out_dir / "train.jsonl", (p.to_dict() for p in train))
-    write_jsonl(out_dir / "val.jsonl", (p.to_dict() for p in val))
-    files = {"train.jsonl": len(train), "val.jsonl": len(val)}
+    outputs = {"train.jsonl": train, "val.jsonl": val}
     benchmarks = {}
-    for name in cfg.experiment.benchmarks:
+    for name in cfg.experiment.benchmarks:  # every source read before anything is written
         spec = cfg.benchmarks[name]
         problems, origin = _load_problems(spec, data_dir, name)
-        write_jsonl(out_dir / "benchmarks" / f"{name}.jsonl", (p.to_dict() for p in problems))
-        files[f"benchmarks/{name}.jsonl"] = len(problems)
+        outputs[f"benchmarks/{name}.jsonl"] = problems
         benchmarks[name] = {"format": spec.format, "origin": origin, "count": len(problems)}
+    files = {name: len(problems) for name, problems in outputs.items()}
     summary = {"files": files, "train_sources": sources, "pool": len(pool),
                "split": {"val_fraction": d.val_fraction, "seed": d.split_seed, "max_val_problems": d.max_val_problems,
                          "val_dropped_by_cap": dropped},
                "benchmarks": benchmarks}
-    write_json(out_dir / "summary.json", summary)
+    # Staged beside the outputs, then moved in by renames: a full disk leaves the earlier files as they were,
+    # never a train.jsonl of one split beside a summary of another.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-data.", dir=out_dir))
+    try:
+        for name, problems in outputs.items():
+            write_jsonl(stage / name, (p.to_dict() for p in problems))
+        write_json(stage / "summary.json", summary)
+        for name in [*outputs, "summary.json"]:
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     logger.info("wrote %s", ", ".join(f"{k} ({v})" for k, v in files.items()))
     return summary
 

@@ -188,8 +188,8 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     model = load_model(str(model_dir), cfg.model.dtype)
     gen = make_generator(cfg.generation.backend, model, tok, cfg.generation.batch_size,
                          cfg.model.max_total_sequence_length, cfg.generation.gpu_memory_utilization)
-    log.info("evaluating %s on %s (%d problems x %d samples + greedy)", model_dir, benchmark, len(problems),
-             cfg.eval.num_samples)
+    log.info("evaluating %s on %s (%d problems x %d samples%s)", model_dir, benchmark, len(problems),
+             cfg.eval.num_samples, " + greedy" if cfg.eval.greedy else "")
     with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,
                       retry_timeout_s=cfg.eval.reward_retry_timeout_s) as scorer:
         summary, records = score_problems(problems, gen, tok, scorer, cfg, benchmark)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
 import sys
@@ -592,7 +593,11 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         if not self.ckpt_path.exists():
             return False
-        blob = ckpt.load(self.ckpt_path)  # on the CPU, memory-mapped; each tensor goes to its parameter's device
+        try:  # on the CPU, memory-mapped; each tensor goes to its parameter's device
+            blob = ckpt.load(self.ckpt_path)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # written atomically: damaged since
+            raise ckpt.RunError(f"cannot resume from {self.ckpt_path}: unreadable ({str(err).splitlines()[0]}); "
+                                "restore it, or move it away to train from step 0") from None
         self.policy.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         ckpt.detach_from_file(self.optimizer)

@@ -104,7 +104,7 @@ def test_source_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("HDPO_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="no hub_id"):
         load_rows(DatasetSpec(format="svamp", file="svamp_test.jsonl"), data_dir=str(tmp_path))
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="missing.jsonl.: no such file"):
         load_rows(DatasetSpec(format="svamp", path=str(tmp_path / "missing.jsonl")))
     # .json holding a JSON array, found through HDPO_DATA_DIR
     (tmp_path / "m.json").write_text(json.dumps([{"input": "q1", "target": 1.0}, {"input": "q2", "target": 2.0}]))

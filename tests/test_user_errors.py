@@ -242,3 +242,59 @@ def test_unreadable_source_files_name_the_file_and_row(tmp_path):
     bad_csv.write_text("problem,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,4,extra,columns\n")
     one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(tmp_path / "data"),
                          "--set", f"data.train=[{{path: {bad_csv}}}]"), str(bad_csv), "cannot be read as csv")
+
+
+def test_outputs_that_cannot_be_written_stop_before_the_work(tmp_path, data_dir):
+    """A path under a file (as a read-only folder or a full disk would): one line naming the folder, before
+    the evaluation or the preflight runs, not a traceback after it with the results lost."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    model = tmp_path / "policy"
+    model.mkdir()
+    data = tmp_path / "data"
+    (data / "benchmarks").mkdir(parents=True)
+    good = '{"id": "t:0", "problem": "What is 3 + 4?", "solution": null, "answer": "7", "source": "t"}\n'
+    (data / "benchmarks" / "math500.jsonl").write_text(good)
+    one_line_error(*hdpo("evaluate", "--config", DEMO, "--model", str(model), "--benchmark", "math500",
+                         "--data", str(data), "--out", str(blocker / "eval" / "math500.json")),
+                   "evaluation output", f"{blocker} is a file, not a folder")
+    one_line_error(*hdpo("preflight", "--config", DEMO, "--out", str(blocker / "verdict.json")),
+                   "preflight verdict", f"{blocker} is a file")
+    one_line_error(*hdpo("report", "tables", "--config", DEMO, "--results", str(tmp_path), "--out", str(blocker)),
+                   "report output", f"{blocker} is a file")
+    one_line_error(*hdpo("report", "figures", "--config", DEMO, "--results", str(tmp_path / "no-results"),
+                         "--out", str(tmp_path / "figures")), str(tmp_path / "no-results"), "no such results folder")
+    env = dict(os.environ, HDPO_DATA_DIR=str(data_dir))
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(blocker), env=env), "prepared data")
+
+
+def test_an_override_that_is_not_yaml_names_itself():
+    one_line_error(*hdpo("config", "--config", DEMO, "--set", "grpo.max_num_steps=["),
+                   "grpo.max_num_steps=[", "not YAML")
+
+
+def test_a_failed_prepare_data_leaves_the_earlier_files_whole(tmp_path, data_dir):
+    """A bad benchmark source stops the step before anything is written: the folder keeps the earlier split
+    and its summary, not a new train.jsonl beside an old summary."""
+    env = dict(os.environ, HDPO_DATA_DIR=str(data_dir))
+    out = tmp_path / "data"
+    code, lines = hdpo("prepare-data", "--config", DEMO, "--out", str(out), env=env)
+    assert code == 0, lines
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one_line_error(*hdpo("prepare-data", "--config", DEMO, "--out", str(out), "--set", "data.split_seed=7",
+                         f"benchmarks.math500.path={empty}", env=env), "no rows")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_checkpoint_stops_resume_in_one_line(tmp_path, tiny_model_dir, tiny_data):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    one_line_error(*hdpo("train", "--config", DEMO, "--method", "grpo", "--data", str(tiny_data),
+                         "--run-dir", str(tmp_path / "run"), "--work-dir", str(work), "--resume",
+                         "--set", f"model.name={tiny_model_dir}", "model.gguf_file=null",
+                         "experiment.require_gpu=false"),
+                   f"cannot resume from {work / 'checkpoint.pt'}: unreadable", "move it away")
+    assert (work / "checkpoint.pt").exists()
