@@ -277,6 +277,33 @@ def test_evaluation_is_a_function_of_seed_benchmark_problem(random_model_dir, ti
     assert len({s["text"] for r in rows["a"] for s in r["samples"]}) > 1
 
 
+def test_an_evaluation_agrees_with_its_own_samples(tiny_model_dir, tiny_data, tmp_path):
+    """Every number of a result recomputed from its samples file: each sample's reward by math-verify against
+    the problem's answer, each problem's correct count, pass@k by the closed form 1 - C(n-c, k) / C(n, k),
+    and greedy accuracy. The tiny model answers 7, so the toy set's 7s and 8s give both outcomes."""
+    from math import comb
+
+    from hdpo.evaluate import evaluate_checkpoint
+    from hdpo.reward import score_one
+
+    cfg = tiny_config(tiny_model_dir, **{"eval.num_samples": 4, "eval.pass_k": [1, 2, 4]})
+    result = evaluate_checkpoint(cfg, tiny_model_dir, "toy", tiny_data, tmp_path / "toy.json")
+    rows = _rows(tmp_path / "toy.json")
+    assert result["num_problems"] == len(rows) == 3 and result["num_samples"] == 4
+    counts = []
+    for row in rows:
+        rewards = [s["reward"] for s in row["samples"]]
+        assert rewards == [score_one(s["text"], row["answer"])[0] for s in row["samples"]]
+        assert row["num_correct"] == sum(r == 1.0 for r in rewards)
+        assert row["greedy"]["reward"] == score_one(row["greedy"]["text"], row["answer"])[0]
+        counts.append(row["num_correct"])
+    assert 0 < sum(counts) < 4 * len(rows)  # some right, some wrong: the numbers below are not trivial
+    for k in (1, 2, 4):
+        want = sum(1 - comb(4 - c, k) / comb(4, k) for c in counts) / len(counts)
+        assert result[f"pass@{k}"] == pytest.approx(want, abs=1e-12)
+    assert result["greedy_acc"] == pytest.approx(sum(r["greedy"]["reward"] for r in rows) / len(rows))
+
+
 def test_identical_checkpoints_give_identical_rows_through_the_cli(random_model_dir, tiny_data, tmp_path):
     """`hdpo evaluate` (a subprocess, as Snakemake runs it) on two copies of one checkpoint labelled as two
     methods, one at another generation.batch_size: the same numbers and the same samples."""
