@@ -422,16 +422,26 @@ def preflight(cfg: Config, work_dir: Path, tiny: Optional[bool] = None, resume_c
 
 def estimate_hours(cfg: Config, upd: dict, gen: dict) -> dict:
     """Hours for the configured steps, assuming every response runs to max_new_tokens (an upper bound) and the
-    update runs at the measured micro-batch's tokens/s; HDPO's privileged rollouts add their share on top."""
+    update runs at the measured micro-batch's tokens/s. An HDPO method (any in experiment.methods) adds its
+    privileged rollouts on top, bounded by every prompt being a cliff (the per-step cap of cliff prompts, M
+    rollouts each): sampled like the rollouts, then a teacher forward (a third of a forward and backward)
+    and the JSD's forward and backward."""
     world = max(1, cfg.resources["train"].gpu if "train" in cfg.resources else 1)
-    seqs = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt / world
+    B, K = cfg.grpo.num_prompts_per_step, cfg.grpo.num_generations_per_prompt
+    seqs = B * K / world
     new = cfg.generation.max_new_tokens or cfg.model.max_total_sequence_length // 2
-    gen_s = seqs * new / gen["tokens_per_s"]
-    upd_s = seqs * new / (upd["sequences"] * upd["response_tokens"] / upd["seconds"]) if upd.get("ok") else math.nan
-    step = gen_s + upd_s
-    return {"gpus": world, "seconds_per_step": step, "generation_s": gen_s, "update_s": upd_s,
-            "hours": step * cfg.grpo.max_num_steps / 3600, "steps": cfg.grpo.max_num_steps,
-            "response_tokens_assumed": new}
+    gen_tps = gen["tokens_per_s"]
+    upd_tps = upd["sequences"] * upd["response_tokens"] / upd["seconds"] if upd.get("ok") else math.nan
+    step = seqs * new / gen_tps + seqs * new / upd_tps
+    out = {"gpus": world, "seconds_per_step": step, "generation_s": seqs * new / gen_tps,
+           "update_s": seqs * new / upd_tps, "hours": step * cfg.grpo.max_num_steps / 3600,
+           "steps": cfg.grpo.max_num_steps, "response_tokens_assumed": new}
+    if any(m.distill_weight > 0 for m in cfg.experiment.methods.values()):
+        priv = min(cfg.hdpo.max_cliff_prompts_per_step, B) * cfg.privileged_rollouts / world
+        extra = priv * new / gen_tps + priv * new / upd_tps * (1 + 1 / 3)
+        out.update({"privileged_sequences_max": priv, "hdpo_seconds_per_step_max": step + extra,
+                    "hdpo_hours_max": (step + extra) * cfg.grpo.max_num_steps / 3600})
+    return out
 
 
 def table(v: dict) -> str:
@@ -457,6 +467,9 @@ def table(v: dict) -> str:
                                              f"{g['prompt_tokens']}-token prompts, {g['new_tokens']} new)"))
     rows.append(("estimated run", f"{e['hours']:.1f} h for {e['steps']} steps on {e['gpus']} GPU(s) "
                                   f"({e['seconds_per_step']:.1f} s/step, responses of {e['response_tokens_assumed']} tokens)"))
+    if "hdpo_hours_max" in e:
+        rows.append(("estimated HDPO run", f"up to {e['hdpo_hours_max']:.1f} h ({e['hdpo_seconds_per_step_max']:.1f} "
+                                           "s/step if every prompt were a cliff)"))
     rows.append(("verdict", "FITS" if v["fits"] else "DOES NOT FIT"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {val}" for k, val in rows)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hdpo.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +32,9 @@ def test_preflight_cli_on_the_paper_config_at_tiny_shape(tmp_path):
     assert set(v["generation"]) == {"bf16_copy", "hf_generate", "fp32_autocast"}
     assert all(g["generated"] > 0 and g["tokens_per_s"] > 0 for g in v["generation"].values())
     assert v["estimate"]["hours"] > 0 and v["estimate"]["steps"] == 2000
-    for row in ("kill + resume", "update micro-batch", "checkpoint write", "generation (bf16_copy)", "verdict"):
+    assert v["estimate"]["hdpo_hours_max"] > v["estimate"]["hours"]  # the paper grid has HDPO methods
+    for row in ("kill + resume", "update micro-batch", "checkpoint write", "generation (bf16_copy)",
+                "estimated HDPO run", "verdict"):
         assert row in proc.stdout
     assert not list((tmp_path / "work" / "ckpt").glob("*.pt"))  # the timed checkpoint is removed
 
@@ -50,3 +54,23 @@ def test_resume_check_catches_a_resume_that_loses_the_optimizer_state(tmp_path, 
     monkeypatch.setattr(Trainer, "load_checkpoint", forgetful)
     r = preflight.check_resume(cfg, tmp_path)
     assert r["killed_by_sigkill"] and not r["ok"] and r["max_weight_diff"] > 0
+
+
+def test_run_estimate_by_hand():
+    """The paper config (32 x 16 rollouts on 8 GPUs, 4096-token sequences: 2048 new tokens assumed, 2000
+    steps) at round measured rates: 10,000 generated tokens/s; an update micro-batch of 4 x 2048 response
+    tokens in 2 s (4096 tokens/s)."""
+    from hdpo.preflight import estimate_hours
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    e = estimate_hours(cfg, {"ok": True, "sequences": 4, "response_tokens": 2048, "seconds": 2.0},
+                       {"tokens_per_s": 10_000.0})
+    seqs, new = 32 * 16 / 8, 2048  # per GPU
+    assert e["gpus"] == 8 and e["response_tokens_assumed"] == new
+    assert e["generation_s"] == seqs * new / 10_000 and e["update_s"] == seqs * new / 4096
+    assert e["hours"] == (seqs * new / 10_000 + seqs * new / 4096) * 2000 / 3600
+    # HDPO at most: all 32 prompts cliffs, 16 privileged rollouts each, sampled, teacher-scored and distilled
+    priv = 32 * 16 / 8
+    want = e["seconds_per_step"] + priv * new / 10_000 + priv * new / 4096 * 4 / 3
+    assert e["hdpo_seconds_per_step_max"] == pytest.approx(want, rel=1e-12)
+    assert e["hdpo_hours_max"] == pytest.approx(want * 2000 / 3600, rel=1e-12)
