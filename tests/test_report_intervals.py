@@ -138,8 +138,34 @@ def test_tables_mark_the_untrained_best_and_keep_precision_honest(grid, tmp_path
     assert "held-out" in val and "| base model (step 0) |" in val
     diffs = (tmp_path / "differences.md").read_text()
     assert "p=" in diffs and "HDPO frozen, λ=0.1" in diffs
-    cliffs = json.loads(json.dumps((tmp_path / "cliffs.csv").read_text()))
-    assert "grpo" in cliffs and "teacher_pass_rate" in cliffs
+
+
+def test_cliff_table_counts_each_runs_ledger(grid, tmp_path):
+    """cliffs.csv against each run's ledger and probe records, counted here with pandas: totals, the teacher's
+    pass rate, former cliffs met and solved again later, and the last probe's solved fraction."""
+    import pandas as pd
+
+    cfg, results, _ = grid
+    write_tables(cfg, results, tmp_path)
+    table = pd.read_csv(tmp_path / "cliffs.csv")
+    assert len(table) == len(cfg.experiment.methods) * len(cfg.experiment.seeds)
+    for row in table.itertuples(index=False):
+        run = results / "runs" / f"{row.method}_seed{row.seed}"
+        led = pd.read_json(run / "cliffs.jsonl", lines=True)
+        assert (row.prompts, row.cliffs, row.distilled) == (len(led), led["cliff"].sum(), led["distilled"].sum())
+        gen, kept = led["privileged_generated"].sum(), led["privileged_kept"].sum()
+        assert (row.privileged_generated, row.privileged_kept) == (gen, kept)
+        assert (row.teacher_pass_rate == pytest.approx(kept / gen)) if gen else np.isnan(row.teacher_pass_rate)
+        first = led[led["cliff"]].groupby("index")["step"].min()
+        later = led[led["index"].isin(first.index) & (led["step"] > led["index"].map(first))]
+        solved = later[later["rewards"].map(sum) > 0]
+        assert (row.former_cliffs, row.met_again, row.solved_again) == (
+            len(first), later["index"].nunique(), solved["index"].nunique())
+        with gzip.open(run / "val_problems.jsonl.gz", "rt") as fh:
+            probes = [r for r in map(json.loads, fh) if r.get("set") == "cliff_probe"]
+        last = max(probes, key=lambda r: r["step"])
+        assert row.probe_step == last["step"] and row.probe_problems == len(last["ids"])
+        assert row.probe_solved == pytest.approx(np.mean([c > 0 for c in last["num_correct"]]))
 
 
 def test_runs_without_per_problem_records_keep_point_estimates(tmp_path):
