@@ -6,6 +6,8 @@
   python scripts/benchmark.py --runs results/runs   # HDPO vs GRPO seconds per step, per phase, from metrics.jsonl
   python scripts/benchmark.py --attention           # ms per decoding step on new shapes: cuDNN attention off
                                                     # (hdpo.decode) vs PyTorch's default backends (GPU)
+  python scripts/benchmark.py --checkpoint          # extra peak memory of writing a checkpoint (weights + AdamW
+                                                    # states, 1 GiB): streamed vs a copied state (baseline)
 
 Memory: each case runs once in a fresh subprocess (CPU: growth of the peak RSS; CUDA: peak allocated), the
 baseline being a copy of the full-logits code this package used before the chunked path (kept below), so the
@@ -271,6 +273,45 @@ def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, re
     return {"extra_bytes": _peak_bytes(device) - base, "seconds": time.perf_counter() - t}
 
 
+def checkpoint_case(impl: str, gib: float, folder: str) -> dict:
+    """Extra peak memory of writing `gib` GiB of weights and AdamW-like states: hdpo.checkpoint.save streams
+    them from the live tensors; the baseline first copies the state (state_dict().cpu().clone() per tensor,
+    as a trainer that snapshots its state would)."""
+    from hdpo import checkpoint as ckpt
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = int(gib * 2 ** 30 / 4 / 3)  # weights, exp_avg, exp_avg_sq
+    blob = {"model": {"w": torch.randn(n, device=device)},
+            "optimizer": {"state": {0: {"exp_avg": torch.randn(n, device=device),
+                                        "exp_avg_sq": torch.rand(n, device=device)}}}}
+    base = _reset_peak(device)
+    t = time.perf_counter()
+    if impl == "baseline":
+        def copy(x):
+            return x.detach().cpu().clone() if isinstance(x, torch.Tensor) else (
+                {k: copy(v) for k, v in x.items()} if isinstance(x, dict) else x)
+        blob = copy(blob)
+    written = ckpt.save(blob, Path(folder) / f"{impl}.pt")
+    seconds = time.perf_counter() - t
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    (Path(folder) / f"{impl}.pt").unlink()
+    return {"extra_bytes": _peak_bytes(device) - base, "host_peak_bytes": host, "written": written,
+            "seconds": seconds}
+
+
+def checkpoint_ratio(gib: float = 1.0) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        old = _run_case("checkpoint", "baseline", gib=gib, folder=folder)
+        new = _run_case("checkpoint", "streamed", gib=gib, folder=folder)
+    ratio = new["extra_bytes"] / max(old["extra_bytes"], 1)
+    print(f"checkpoint of {gib:.2f} GiB: copied state {old['extra_bytes'] / 2 ** 30:.2f} GiB extra "
+          f"({old['seconds']:.1f} s), streamed {new['extra_bytes'] / 2 ** 30:.3f} GiB extra ({new['seconds']:.1f} s)"
+          f" -> {ratio:.3f}x")
+    return {"gib": gib, "baseline": old, "streamed": new, "ratio": ratio}
+
+
 def _run_case(case: str, impl: str, **kw) -> dict:
     cmd = [sys.executable, __file__, "--case", json.dumps({"case": case, "impl": impl, **kw})]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -302,7 +343,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--case":  # a subprocess of memory_ratios
         spec = json.loads(sys.argv[2])
         case, impl = spec.pop("case"), spec.pop("impl")
-        print(json.dumps(attention_case(impl, **spec) if case == "attention" else memory_case(case, impl, **spec)))
+        fn = {"attention": attention_case, "checkpoint": checkpoint_case}.get(case)
+        print(json.dumps(fn(impl, **spec) if fn else memory_case(case, impl, **spec)))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=None)
@@ -312,7 +354,10 @@ if __name__ == "__main__":
                     help="ms per decoding step on new shapes, cuDNN attention off (ours) vs PyTorch's default")
     ap.add_argument("--rows", type=int, default=None, help="--attention: batch rows (default: GPU 128, CPU 4)")
     ap.add_argument("--new", type=int, default=None, help="--attention: most new tokens (default: GPU 256, CPU 16)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the memory or attention report here")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="extra peak memory of a checkpoint write, streamed vs a copied state")
+    ap.add_argument("--json", type=Path, default=None, help="also write the memory, attention or checkpoint "
+                                                            "report here")
     args = ap.parse_args()
     if args.runs:
         step_ratios(args.runs)
@@ -321,6 +366,10 @@ if __name__ == "__main__":
     elif args.attention:
         gpu = torch.cuda.is_available()
         rep = attention_ratio(args.rows or (128 if gpu else 4), args.new or (256 if gpu else 16))
+        if args.json:
+            args.json.write_text(json.dumps(rep, indent=2))
+    elif args.checkpoint:
+        rep = checkpoint_ratio()
         if args.json:
             args.json.write_text(json.dumps(rep, indent=2))
     elif args.memory:
