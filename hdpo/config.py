@@ -609,7 +609,11 @@ def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[st
             raise ConfigError(f"{path}: the top level must be a mapping")
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
-    return from_dict(data, overrides)
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as err:  # say where the bad value came from: an override, else the file
+        where = "--set" if any(str(err).startswith(k) for k in overrides or {}) else path
+        raise (ConfigError(f"{where}: {err}") if where else err) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
