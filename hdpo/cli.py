@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -113,9 +114,15 @@ def _user_error(err: BaseException) -> str:
 
     if isinstance(err, (DataError, ModelSourceError, RunError)):
         return str(err)
-    if isinstance(err, OSError):  # a missing or unwritable path, a full disk: the machine's state, not a bug
+    if isinstance(err, OSError) and err.errno in _PATH_ERRNOS:  # the machine's state, not a bug
         return f"{err.filename}: {err.strerror}" if err.filename else (err.strerror or str(err))
     return ""
+
+
+# A missing or unwritable path, a full disk or quota: one line. Other OSErrors (too many open files, a broken
+# pipe to a worker) may be bugs and keep their traceback.
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def _require_gpu(cfg: Config) -> None:
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not sys.stderr.isatty():  # in a job's log a library's progress bar is noise; our log lines say it
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' and datasets' bars
+        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # transformers', the
+            os.environ.setdefault(var, "1")  # Hub's and datasets' bars (read when each library is imported)
     try:
         cfg = _config(args)
     except (ConfigError, ValueError) as err:

@@ -487,7 +487,8 @@ _METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Keys a method record cannot set: its own fields, the grid, and what every method shares (one prepared data
 # set, the DAG's resources).
 _FIXED = ("experiment", "run", "seed", "resources", "benchmarks", "hdpo.teacher", "hdpo.distill_weight",
-          "data.train", "data.val_fraction", "data.split_seed", "data.max_val_problems", "data.max_train_problems")
+          "data.train", "data.val_fraction", "data.split_seed", "data.max_val_problems", "data.max_train_problems",
+          "eval.best_includes_step0")  # the report selects every method's best by the one rule
 _REMOVED = {
     "hdpo.method": "removed: a method is a record under experiment.methods (distill_weight 0 = GRPO)",
 }
@@ -612,7 +613,7 @@ def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[st
     try:
         return from_dict(data, overrides)
     except ConfigError as err:  # say where the bad value came from: an override, else the file
-        where = "--set" if any(str(err).startswith(k) for k in overrides or {}) else path
+        where = "--set" if any(k in str(err) for k in overrides or {}) else path
         raise (ConfigError(f"{where}: {err}") if where else err) from None
 
 

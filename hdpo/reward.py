@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import threading
 import time
+import unicodedata
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -48,6 +49,12 @@ def _excerpt(text: str, n: int = 120) -> str:
     return repr(text if len(text) <= n else "..." + text[-n:])  # the answer sits at the end
 
 
+def usable_gold(gold: str) -> bool:
+    """A gold answer holds a digit, a letter, a math symbol (the minus sign, infinity, the empty set) or a LaTeX
+    command; one of only punctuation and blanks ('???', '-', '[ ]') is a data error that scores 0 (counted)."""
+    return any(c.isalnum() or c == "\\" or unicodedata.category(c) in ("Sm", "So") for c in gold)
+
+
 def score_one(response: str, gold: str | list[str], timeout_s: Optional[float] = 5.0) -> tuple[float, str]:
     """(reward, status): 1.0 iff math-verify finds the response's answer equal to the gold. Never raises.
 
@@ -69,6 +76,8 @@ def score_one(response: str, gold: str | list[str], timeout_s: Optional[float] =
         gold_parsed = []  # a list of accepted answers: any one of them scores 1
         for g in (gold if isinstance(gold, (list, tuple)) else [gold]):
             g = str(g)
+            if not usable_gold(g):  # '???' parses as the string itself: a response repeating it would score 1
+                continue
             gold_parsed += parse(g if "\\boxed" in g else f"\\boxed{{{g}}}",
                                  parsing_timeout=seconds, raise_on_error=True)
         if not gold_parsed:

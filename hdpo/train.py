@@ -597,7 +597,7 @@ class Trainer:
             blob = ckpt.load(self.ckpt_path)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # written atomically: damaged since
             raise ckpt.RunError(f"cannot resume from {self.ckpt_path}: unreadable ({str(err).splitlines()[0]}); "
-                                "restore it, or move it away to train from step 0") from None
+                                "restore it, or move it away to train from step 0") from err
         self.policy.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         ckpt.detach_from_file(self.optimizer)

@@ -60,6 +60,22 @@ def test_score_one(response, gold, expected):
     assert status == ("correct" if expected else ("no_answer" if "not sure" in response else "wrong"))
 
 
+def test_a_gold_of_only_punctuation_scores_zero_and_is_counted(caplog):
+    """'???' would verify against a response that repeats it (math-verify keeps it as a string): it scores 0 as
+    gold_unparseable, counted and logged once; symbols that are answers (the empty set, infinity, an interval
+    with Unicode minus signs, a LaTeX empty set) still verify."""
+    for gold in ("???", "-", "[ ]"):
+        assert score_one(f"\\boxed{{{gold}}}", gold, 5) == (0.0, "gold_unparseable")
+    for gold in ("\\{\\}", "∞", "∅", "(−∞, ∞)", "\\emptyset", "Monday"):
+        assert score_one(f"\\boxed{{{gold}}}", gold, 5) == (1.0, "correct"), gold
+    assert score_one("\\boxed{7}", ["???", "7"], 5) == (1.0, "correct")  # another accepted answer still counts
+    scorer = RewardScorer(workers=0)
+    with caplog.at_level("WARNING"):
+        assert scorer.score(["\\boxed{???}", "\\boxed{???}", "\\boxed{7}"], ["???", "???", "7"]) == [0.0, 0.0, 1.0]
+    assert scorer.stats.gold_unparseable == 2 and scorer.stats.correct == 1
+    assert caplog.text.count("gold answer could not be parsed") == 1
+
+
 def test_plain_integer_gold_and_statuses():
     assert score_one("\\boxed{42}", "42", 5) == (1.0, "correct")
     assert score_one("The result is 42", "42", 5) == (1.0, "correct")

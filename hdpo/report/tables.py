@@ -52,7 +52,7 @@ def selection_note(cfg: Config, selection: str) -> str:
     note = SELECTION_NOTES[selection]
     if selection in ("best", "held-out"):
         note += ("; step 0 (untrained) may be chosen" if cfg.eval.best_includes_step0 else
-                 "; chosen among trained steps (not step 0)")
+                 "; chosen among trained steps (step 0 only in a run of 0 steps)")
     return note
 
 
@@ -190,7 +190,7 @@ def _table1_specs(cfg: Config, tidy: pd.DataFrame, info: dict, intervals: Option
             f"problem, greedy acc. the greedy-decoding accuracy; ours: {seed_note}; paper: one seed (42), "
             f"{MISSING} where there is no number; ours' best is over "
             + ("all validations, step 0 (untrained) included" if cfg.eval.best_includes_step0 else
-               "trained steps (not step 0)"))
+               "trained steps (step 0 only in a run of 0 steps)"))
 
     def rows(keys: list[tuple[str, list[str]]]):
         out = []
@@ -328,7 +328,8 @@ def _benchmark_specs(cfg: Config, tidy: pd.DataFrame, intervals: Optional[pd.Dat
         agg_note = ("mean over seeds [95% bootstrap interval over problems and seeds]" if ci else
                     f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
         note = "; ".join(x for x in [info, f"checkpoints: final = last step, best = best validation {best_metric} "
-                                           "(optimistic)", "the base model (step 0) is the same in every column",
+                                           "over " + ("all validations" if cfg.eval.best_includes_step0 else
+                                                      "trained steps") + " (optimistic)", "the base model (step 0) is the same in every column",
                                      "step: the training step of the evaluated weights; '(untrained)': the best "
                                      "checkpoint is the step-0 model", agg_note] if x)
         specs.append(TableSpec(f"{benchmark_label(bench)}", groups, rows, note))

@@ -166,7 +166,8 @@ def train_settings(wildcards) -> str:
 
 def _evaluate_settings(raw: dict, bench: str) -> str:
     d = _sections(raw, "model", "generation", "eval")
-    d.get("eval", {}).pop("val_period", None)
+    for key in ("val_period", "best_includes_step0"):  # training-time keys: they change no evaluation
+        d.get("eval", {}).pop(key, None)
     d["system_prompt"] = (raw.get("data") or {}).get("system_prompt")
     d["benchmark"] = _benchmark_spec(bench)
     return _json(d)
@@ -184,7 +185,8 @@ def base_evaluate_settings(wildcards) -> str:
 def report_settings() -> str:
     return _json({"experiment": {k: _CFG_DICT["experiment"][k] for k in ("methods", "seeds", "benchmarks",
                                                                            "checkpoints")},
-                  "pass_k": _CFG_DICT["eval"]["pass_k"]})
+                  "pass_k": _CFG_DICT["eval"]["pass_k"],
+                  "best_includes_step0": _CFG_DICT["eval"]["best_includes_step0"]})
 
 
 def configfile_arg(wildcards, input) -> str:
