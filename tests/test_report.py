@@ -256,7 +256,9 @@ def test_tick_labels_stay_a_few_characters_wide():
 
 
 def test_rates_outside_zero_one_are_left_out_with_a_warning(full, caplog):
-    """A hand-edited or corrupted result (pass@1 = 7.5, -3) never becomes a table's number."""
+    """A hand-edited or corrupted result (pass@1 = 7.5, -3) never becomes a table's number, and no other step
+    stands in for a left-out one: no final without a value at the last validation, no best from step 0 when
+    no trained step has a value."""
     cfg, results, vals = full
     path = results / "runs" / "grpo_seed42" / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -266,6 +268,8 @@ def test_rates_outside_zero_one_are_left_out_with_a_warning(full, caplog):
             r["val/pass@1"] = -3.0
         if r["kind"] == "val" and r["step"] == 10:
             r["val/pass@4"] = 7.5
+        if r["kind"] == "val" and r["step"] > 0:
+            r["val/pass@8"] = None  # only the untrained step has a pass@8: it must not become the best
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev = results / "eval" / "grpo_seed42" / "final" / "math500.json"
     ev.write_text(json.dumps({**json.loads(ev.read_text()), "pass@1": 7.5}))
@@ -274,8 +278,10 @@ def test_rates_outside_zero_one_are_left_out_with_a_warning(full, caplog):
         bench = benchmarks_frame(cfg, results)
     ours = tidy[(tidy["method"] == "grpo") & (tidy["source"] == "ours")]
     assert ours["value"].between(0, 1).all()
-    final = ours[(ours["selection"] == "final") & (ours["metric"] == "pass@1")].iloc[0]
-    assert final["step"] < last  # the last validation's pass@1 was left out, not reported as -3
+    final = ours[ours["selection"] == "final"]
+    assert "pass@1" not in set(final["metric"]) and (final["step"] == last).all()  # no other step stands in
+    assert "no value at the last validation" in caplog.text
+    assert "pass@8" not in set(ours["metric"]) and "grpo_seed42 pass@8: no trained step has a value" in caplog.text
     assert bench["value"].between(0, 1).all()
     assert not ((bench["method"] == "grpo") & (bench["checkpoint"] == "final") & (bench["benchmark"] == "math500")
                 & (bench["metric"] == "pass@1")).any()

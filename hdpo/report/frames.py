@@ -163,15 +163,25 @@ def table1_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     """
     val = val_frame(cfg, results_dir)
     records = []
+    run_last = val.groupby(["method", "seed"])["step"].max()  # the run's last validation, whatever the metric
     for (method, seed, metric), grp in val.groupby(["method", "seed", "metric"], sort=False):
         grp = grp.sort_values("step", kind="stable")
-        pool = grp.iloc[best_candidates(grp["step"].tolist(), cfg.eval.best_includes_step0)]
-        best = pool.loc[pool["value"].idxmax()]  # idxmax: the first (earliest) maximum
+        last_step = int(run_last[(method, seed)])
+        # step 0 is a candidate with eval.best_includes_step0, or in a run of 0 steps (as the trainer counts)
+        pool = grp if cfg.eval.best_includes_step0 or last_step == 0 else grp[grp["step"] != 0]
+        where = f"{run_name(method, seed)} {metric}"
+        if pool.empty:
+            logger.warning("%s: no trained step has a value: no best", where)
+        else:
+            best = pool.loc[pool["value"].idxmax()]  # idxmax: the first (earliest) maximum
+            records.append({"method": method, "seed": seed, "source": OURS, "selection": "best", "metric": metric,
+                            "value": float(best["value"]), "step": int(best["step"])})
         last = grp.iloc[-1]
-        records.append({"method": method, "seed": seed, "source": OURS, "selection": "best", "metric": metric,
-                        "value": float(best["value"]), "step": int(best["step"])})
-        records.append({"method": method, "seed": seed, "source": OURS, "selection": "final", "metric": metric,
-                        "value": float(last["value"]), "step": int(last["step"])})
+        if int(last["step"]) != last_step:  # its value there was missing or out of range: not another step's
+            logger.warning("%s: no value at the last validation (step %d): no final", where, last_step)
+        else:
+            records.append({"method": method, "seed": seed, "source": OURS, "selection": "final", "metric": metric,
+                            "value": float(last["value"]), "step": int(last["step"])})
     for source in SOURCES:
         for method in cfg.experiment.methods:
             for metric in val_metrics(cfg):
@@ -369,8 +379,9 @@ def heldout_halves(ids: list[str], seed: int = 0) -> tuple[list[int], list[int]]
 
 
 def best_candidates(steps: list[int], include_step0: bool) -> list[int]:
-    """Positions of the validation steps a best-over-training selection may pick: the trained steps unless
-    `include_step0` (eval.best_includes_step0); step 0 when it is all there is (a run of 0 steps)."""
+    """Positions of the validation steps a best-over-training selection may pick (in a run's per-problem
+    records, one row per validation): the trained steps unless `include_step0` (eval.best_includes_step0);
+    step 0 when it is all there is (a run of 0 steps)."""
     trained = [i for i, s in enumerate(steps) if include_step0 or s != 0]
     return trained or list(range(len(steps)))
 
