@@ -217,8 +217,12 @@ class RunLock:
             os.close(fd)
             raise RunError(f"{self.path.parent} is in use by another trainer (pid {holder}), e.g. the leftover "
                            f"of a killed run: stop it (kill {holder}) or wait for it, then rerun") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as err:  # a full disk: say which folder, not a bare errno
+            os.close(fd)
+            raise RunError(f"cannot write the lock file {self.path}: {err.strerror or err}") from err
         self.fd = _held[key] = fd
         return self
 

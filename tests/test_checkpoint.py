@@ -259,3 +259,17 @@ def test_reward_workers_die_when_their_parent_is_sigkilled():
     while tagged_processes(tag) and time.time() < deadline:
         time.sleep(0.2)
     assert not tagged_processes(tag)
+
+
+def test_a_full_disk_while_taking_the_lock_names_the_lock_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "write", full)
+    with pytest.raises(ckpt.RunError, match=r"cannot write the lock file .*\.lock: No space left on device"):
+        ckpt.RunLock(tmp_path / "work").acquire()
+    monkeypatch.undo()
+    lock = ckpt.RunLock(tmp_path / "work").acquire()  # nothing held: the next trainer takes it
+    lock.release()
