@@ -117,12 +117,15 @@ def _answer_str(value: Any, key: str) -> str:
     raise DataError(f"field {key!r}: expected a number or a string, got {type(value).__name__}")
 
 
-def check_text(key: str, value: Any) -> None:
-    """A problem or answer must be non-empty text (an answer of only punctuation, such as '???', is left to
-    the reward, which scores it 0 and counts it as gold_unparseable: one odd row of a million must not stop
-    the split)."""
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"field {key!r}: empty or not text ({value!r})")
+def check_fields(problem: Any, answer: Any) -> None:
+    """A problem and each of its answers must be non-empty text (an answer of only punctuation, such as '???',
+    is left to the reward, which scores it 0 and counts it as gold_unparseable: one odd row of a million must
+    not stop the split)."""
+    for key, values in (("problem", [problem]),
+                        ("answer", answer if isinstance(answer, list) and answer else [answer])):
+        for value in values:
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"field {key!r}: empty or not text ({value!r})")
 
 
 def _optional_text(row: dict, key: Optional[str]) -> Optional[str]:
@@ -351,20 +354,18 @@ def _load_problems(spec: DatasetSpec, data_dir: Optional[str], name: Optional[st
     """`name` (a benchmark's, say) prefixes ids and names the source when the spec has no format."""
     m = mapping_of(spec)
     source = spec.format or name or "data"
+    named = f" (dataset {name!r})" if name else ""
     try:
         pairs, origin = _load(spec, data_dir)
     except DataError as err:
-        raise DataError(f"{err}" + (f" (dataset {name!r})" if name else "")) from None
+        raise DataError(f"{err}{named}") from None
     if not pairs:  # an empty benchmark would score NaN; an empty training source, nothing
-        raise DataError(f"{origin}: no rows" + (f" (dataset {name!r})" if name else ""))
+        raise DataError(f"{origin}: no rows{named}")
     problems = []
     for index, (rownum, row) in enumerate(pairs):
         try:
             mapped = map_row(row, m)
-            answers = mapped["answer"] if isinstance(mapped["answer"], list) else [mapped["answer"]]
-            for key, values in (("problem", [mapped["problem"]]), ("answer", answers)):
-                for value in values:
-                    check_text(key, value)
+            check_fields(mapped["problem"], mapped["answer"])
         except DataError as err:
             raise DataError(f"{origin}: row {rownum}: {err}") from None
         local_id = mapped.get("id")
@@ -505,9 +506,7 @@ def read_problems(path: str | Path) -> list[Problem]:
     for rownum, row in _read_local(Path(path)):
         try:
             p = Problem.from_dict(row)
-            check_text("problem", p.problem)
-            for answer in (p.answer if isinstance(p.answer, list) and p.answer else [p.answer]):
-                check_text("answer", answer)
+            check_fields(p.problem, p.answer)
         except KeyError as err:
             raise DataError(f"{path}: row {rownum}: field {err.args[0]!r}: missing") from None
         except DataError as err:

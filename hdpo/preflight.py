@@ -432,10 +432,11 @@ def estimate_hours(cfg: Config, upd: dict, gen: dict) -> dict:
     new = cfg.generation.max_new_tokens or cfg.model.max_total_sequence_length // 2
     gen_tps = gen["tokens_per_s"]
     upd_tps = upd["sequences"] * upd["response_tokens"] / upd["seconds"] if upd.get("ok") else math.nan
-    step = seqs * new / gen_tps + seqs * new / upd_tps
-    out = {"gpus": world, "seconds_per_step": step, "generation_s": seqs * new / gen_tps,
-           "update_s": seqs * new / upd_tps, "hours": step * cfg.grpo.max_num_steps / 3600,
-           "steps": cfg.grpo.max_num_steps, "response_tokens_assumed": new}
+    gen_s, upd_s = seqs * new / gen_tps, seqs * new / upd_tps
+    step = gen_s + upd_s
+    out = {"gpus": world, "seconds_per_step": step, "generation_s": gen_s, "update_s": upd_s,
+           "hours": step * cfg.grpo.max_num_steps / 3600, "steps": cfg.grpo.max_num_steps,
+           "response_tokens_assumed": new}
     if any(m.distill_weight > 0 for m in cfg.experiment.methods.values()):
         priv = min(cfg.hdpo.max_cliff_prompts_per_step, B) * cfg.privileged_rollouts / world
         extra = priv * new / gen_tps + priv * new / upd_tps * (1 + 1 / 3)

@@ -167,8 +167,7 @@ def table1_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     for (method, seed, metric), grp in val.groupby(["method", "seed", "metric"], sort=False):
         grp = grp.sort_values("step", kind="stable")
         last_step = int(run_last[(method, seed)])
-        # step 0 is a candidate with eval.best_includes_step0, or in a run of 0 steps (as the trainer counts)
-        pool = grp if cfg.eval.best_includes_step0 or last_step == 0 else grp[grp["step"] != 0]
+        pool = grp.iloc[best_candidates(grp["step"].tolist(), cfg.eval.best_includes_step0, last_step)]
         where = f"{run_name(method, seed)} {metric}"
         if pool.empty:
             logger.warning("%s: no trained step has a value: no best", where)
@@ -378,12 +377,12 @@ def heldout_halves(ids: list[str], seed: int = 0) -> tuple[list[int], list[int]]
     return sorted(perm[:half].tolist()), sorted(perm[half:].tolist())
 
 
-def best_candidates(steps: list[int], include_step0: bool) -> list[int]:
-    """Positions of the validation steps a best-over-training selection may pick (in a run's per-problem
-    records, one row per validation): the trained steps unless `include_step0` (eval.best_includes_step0);
-    step 0 when it is all there is (a run of 0 steps)."""
-    trained = [i for i, s in enumerate(steps) if include_step0 or s != 0]
-    return trained or list(range(len(steps)))
+def best_candidates(steps: list[int], include_step0: bool, last_step: Optional[int] = None) -> list[int]:
+    """Positions of the validation `steps` a best-over-training selection may pick: the trained steps, and step
+    0 too with `include_step0` (eval.best_includes_step0) or in a run of 0 steps, as the trainer counts.
+    `last_step`: the run's last validation (default: the last of `steps`)."""
+    last = (steps[-1] if steps else 0) if last_step is None else last_step
+    return [i for i, s in enumerate(steps) if include_step0 or last == 0 or s != 0]
 
 
 def select(matrix: np.ndarray, selection: str, halves: tuple[list[int], list[int]],

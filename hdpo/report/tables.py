@@ -47,13 +47,16 @@ SELECTION_NOTES = {
 GREEDY_VS_PASS1 = "greedy acc. vs pass@1"
 
 
+def best_pool(cfg: Config) -> str:
+    """Which validations a best (or held-out) step is chosen among (eval.best_includes_step0), for the notes."""
+    return ("all validations, step 0 (untrained) included" if cfg.eval.best_includes_step0 else
+            "trained steps (step 0 only in a run of 0 steps)")
+
+
 def selection_note(cfg: Config, selection: str) -> str:
-    """SELECTION_NOTES, saying which steps a chosen step was chosen among (eval.best_includes_step0)."""
+    """SELECTION_NOTES, saying which steps a chosen step was chosen among."""
     note = SELECTION_NOTES[selection]
-    if selection in ("best", "held-out"):
-        note += ("; step 0 (untrained) may be chosen" if cfg.eval.best_includes_step0 else
-                 "; chosen among trained steps (step 0 only in a run of 0 steps)")
-    return note
+    return note + f"; chosen among {best_pool(cfg)}" if selection in ("best", "held-out") else note
 
 
 def difference(ours: Optional[Cell], paper: Optional[Cell]) -> Optional[Cell]:
@@ -188,9 +191,7 @@ def _table1_specs(cfg: Config, tidy: pd.DataFrame, info: dict, intervals: Option
         seed_note = f"mean over seeds {seeds} [95% bootstrap interval over problems and seeds]"
     note = (f"Validation split, {n_prob} problems; pass@k is the unbiased estimator from n = {n_samp} samples per "
             f"problem, greedy acc. the greedy-decoding accuracy; ours: {seed_note}; paper: one seed (42), "
-            f"{MISSING} where there is no number; ours' best is over "
-            + ("all validations, step 0 (untrained) included" if cfg.eval.best_includes_step0 else
-               "trained steps (step 0 only in a run of 0 steps)"))
+            f"{MISSING} where there is no number; ours' best is over {best_pool(cfg)}")
 
     def rows(keys: list[tuple[str, list[str]]]):
         out = []
@@ -328,8 +329,8 @@ def _benchmark_specs(cfg: Config, tidy: pd.DataFrame, intervals: Optional[pd.Dat
         agg_note = ("mean over seeds [95% bootstrap interval over problems and seeds]" if ci else
                     f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
         note = "; ".join(x for x in [info, f"checkpoints: final = last step, best = best validation {best_metric} "
-                                           "over " + ("all validations" if cfg.eval.best_includes_step0 else
-                                                      "trained steps") + " (optimistic)", "the base model (step 0) is the same in every column",
+                                           f"over {best_pool(cfg)} (optimistic)",
+                                     "the base model (step 0) is the same in every column",
                                      "step: the training step of the evaluated weights; '(untrained)': the best "
                                      "checkpoint is the step-0 model", agg_note] if x)
         specs.append(TableSpec(f"{benchmark_label(bench)}", groups, rows, note))
