@@ -126,47 +126,55 @@ def test_dropped_requests_stop_and_the_others_do_not_change(model):
         assert not got[i].dropped and got[i].response_ids == full[i].response_ids
 
 
-class _Tok:
-    """Token ids written as text ('5 6 7'), so a real transformers model runs behind generate_then."""
-    pad_token_id, eos_token_id = PAD, EOS
+@pytest.fixture(scope="module")
+def text_model(tokenizer_dir):
+    """The real SmolLM2 tokenizer and a random model of its vocabulary, so generate_then runs as in training:
+    text prompts tokenized, responses decoded."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    def __call__(self, texts, add_special_tokens=False):
-        ids = [[int(t) for t in s.split()] for s in ([texts] if isinstance(texts, str) else texts)]
-        return type("Enc", (), {"input_ids": ids[0] if isinstance(texts, str) else ids})()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval(), tok
 
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
+
+def words(seed: int, count: int, step: int) -> list[str]:
+    """`count` prompts of ordinary words, 4, 4 + step, ... words long."""
+    vocab = "the cat sat on a mat while two dogs ran past seven red cars and one blue bus".split()
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(vocab[int(t)] for t in torch.randint(0, len(vocab), (4 + step * i,), generator=g))
+            for i in range(count)]
 
 
-def test_generate_then_overlapped_equals_two_phases(model):
+def test_generate_then_overlapped_equals_two_phases(text_model):
     """The transformers backend runs follow-ups inside the loop; `Generator.generate_then` (the default every
     backend has) runs them after: the same groups and follow-ups, for the same seeds."""
-    model.generation_config.eos_token_id = EOS
-    gen = TransformersGenerator(model, _Tok(), batch_size=6, max_total_length=400)
-    g = torch.Generator().manual_seed(1)
-    prompts = [" ".join(str(int(t)) for t in torch.randint(2, V, (4 + 5 * i,), generator=g)) for i in range(5)]
+    gen = TransformersGenerator(*text_model, batch_size=6, max_total_length=400)
+    prompts = words(1, 5, 5)
     s = Sampling(max_new_tokens=60)
-    then = lambda i, group: (prompts[i] + " 9 9 9 9") if i % 2 == 0 else None  # noqa: E731
+    then = lambda i, group: (prompts[i] + " The answer is 9.") if i % 2 == 0 else None  # noqa: E731
     a_groups, a_more = gen.generate_then(prompts, 3, s, then, 2, seeds=[11, 12, 13, 14, 15])
     b_groups, b_more = Generator.generate_then(gen, prompts, 3, s, then, 2, seeds=[11, 12, 13, 14, 15])
     assert sorted(a_more) == sorted(b_more) == [0, 2, 4]
     ids = lambda groups: [[r.response_ids for r in g] for g in groups]  # noqa: E731
     assert ids(a_groups) == ids(b_groups)
     assert ids(a_more.values()) == ids(b_more.values())
+    assert [[r.text for r in g] for g in a_groups] == [[r.text for r in g] for g in b_groups]
     assert len({tuple(r.response_ids) for g in a_more.values() for r in g}) > 1
 
 
-def test_speculative_follow_ups_are_the_same_in_fewer_steps(model):
+def test_speculative_follow_ups_are_the_same_in_fewer_steps(text_model):
     """With `speculate`, every prompt's follow-ups start beside the rollouts and a prompt's are dropped once one
     of its rollouts rules them out: the same groups and follow-ups as the two phases one after the other, in
     fewer decoding steps, and the dropped rows are counted."""
-    model.generation_config.eos_token_id = EOS
-    gen = TransformersGenerator(model, _Tok(), batch_size=64, max_total_length=400)
-    g = torch.Generator().manual_seed(2)
-    prompts = [" ".join(str(int(t)) for t in torch.randint(2, V, (4 + 3 * i,), generator=g)) for i in range(6)]
+    model, tok = text_model
+    gen = TransformersGenerator(model, tok, batch_size=64, max_total_length=400)
+    prompts = words(2, 6, 3)
     s = Sampling(max_new_tokens=48)
-    follow = {i: p + " 9 9 9 9" for i, p in enumerate(prompts)}
-    good = lambda r: 7 in r.response_ids  # noqa: E731  (a 'correct' rollout: no follow-ups needed)
+    follow = {i: p + " The answer is 9." for i, p in enumerate(prompts)}
+    good = lambda r: r.response_ids[0] % 7 == 0  # noqa: E731  (a 'correct' rollout: no follow-ups needed)
     then = lambda i, group: None if any(map(good, group)) else follow[i]  # noqa: E731
     seeds = [21, 22, 23, 24, 25, 26]
 
@@ -193,13 +201,12 @@ def test_speculative_follow_ups_are_the_same_in_fewer_steps(model):
     assert ids(c_groups) == ids(a_groups) and ids(c_more.values()) == ids(a_more.values())
 
 
-def test_speculative_follow_ups_too_long_for_the_context_are_empty_or_dropped(model, caplog):
+def test_speculative_follow_ups_too_long_for_the_context_are_empty_or_dropped(text_model, caplog):
     """A follow-up prompt with no room under max_total_length gets an empty rollout, as after the rollouts;
     dropping it (its prompt solved) is no error and no warning, and the other prompts' follow-ups are unchanged."""
-    model.generation_config.eos_token_id = EOS
-    gen = TransformersGenerator(model, _Tok(), batch_size=8, max_total_length=40)
-    prompts = ["5 6 7", "8 9 10 11", "12 13"]
-    follow = {0: "3 " * 45, 1: "4 " * 45, 2: "5 6 7 8 9"}  # 0 and 1: longer than max_total_length
+    gen = TransformersGenerator(*text_model, batch_size=8, max_total_length=40)
+    prompts = ["the cat sat", "two dogs ran past", "a red car"]
+    follow = {0: "the cat " * 30, 1: "two dogs " * 30, 2: "a red car and a blue bus"}  # 0, 1: over 40 tokens
     s = Sampling(max_new_tokens=12)
     then = lambda i, group: follow[i] if i != 0 else None  # noqa: E731  (prompt 0 is solved)
     spec = Speculation(follow, lambda done: {0} if any(i == 0 for i, _, _ in done) else set())
