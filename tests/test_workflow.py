@@ -295,7 +295,10 @@ def test_local_profile(tmp_path):
     out = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow" / "profiles" / "local"),
                     "--configfile", str(PAPER_CONFIG))
     assert job_counts(out)["train"] == 6
-    for block in _job_blocks(out, "evaluate"):
+    # one evaluation at a time, the untrained model's too: the local executor would put them all on GPU 0
+    blocks = _job_blocks(out, "evaluate") + _job_blocks(out, "evaluate_base")
+    assert len(blocks) == 36 + 3
+    for block in blocks:
         assert re.search(r"\bevaluations=1\b", block), block
 
 
