@@ -302,11 +302,45 @@ def test_local_profile(tmp_path):
         assert re.search(r"\bevaluations=1\b", block), block
 
 
-def test_gpu_jobs_without_a_gpu_limit_stop_before_running(tmp_path):
-    """`snakemake --cores all` on one machine with GPU jobs and no `gpu` limit would start them all at once."""
+def test_gpu_jobs_without_a_gpu_limit_or_a_visible_gpu_stop_before_running(tmp_path, monkeypatch):
+    """GPU jobs on one machine with no `gpu` limit and no GPU visible: stop before any job, naming the fixes."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code, out = snakemake(tmp_path, "--cores", "1", "--configfile", str(PAPER_CONFIG), "prepare_data", check=False)
+    assert code != 0 and "--resources gpu=" in out and "config/demo.yaml" in out
+    assert not (tmp_path / "results" / "logs" / "prepare_data.log").exists()
+
+
+def test_without_a_gpu_limit_the_visible_gpus_are_the_limit(tmp_path, monkeypatch):
+    """`snakemake --cores all` on a GPU node: the GPUs visible there become the limit (a train job asking for 8
+    starts 2 torchrun processes on 2 GPUs) and every evaluation takes the one-at-a-time token; a limit given
+    on the command line wins."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(PAPER_CONFIG))
+    assert "using the 2 GPU(s) visible here" in out
+    assert len(re.findall(r"torch.distributed.run --standalone --nproc_per_node=2 -m hdpo train", out)) == 6
+    blocks = _job_blocks(out, "evaluate") + _job_blocks(out, "evaluate_base")
+    assert len(blocks) == 36 + 3 and all(re.search(r"\bevaluations=1\b", b) for b in blocks)
+    out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "4", "--resources", "gpu=4",
+                    "--configfile", str(PAPER_CONFIG))
+    assert "visible here" not in out and "--nproc_per_node=4 -m hdpo train" in out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # CUDA's way of hiding every GPU
     code, out = snakemake(tmp_path, "--cores", "1", "--configfile", str(PAPER_CONFIG), "prepare_data", check=False)
     assert code != 0 and "--resources gpu=" in out
-    assert not (tmp_path / "results" / "logs" / "prepare_data.log").exists()
+
+
+def test_the_limits_found_here_are_the_runs(tiny_repo, monkeypatch):
+    """A real run (the data step) of a config whose evaluations ask for a GPU, on a machine that shows 3:
+    Snakemake runs with gpu=3 and one evaluation at a time."""
+    cfg = _tiny()
+    cfg["resources"]["evaluate"]["gpu"] = 1
+    write_config(tiny_repo / "config" / "gpu.yaml", cfg)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    out = snakemake(tiny_repo, "prepare_data", "--cores", "1", "--configfile", str(tiny_repo / "config" / "gpu.yaml"),
+                    snakefile=tiny_repo / "workflow" / "Snakefile")
+    provided = re.search(r"Provided resources: (.*)", out)
+    assert provided, out
+    for name, value in (("gpu", 3), ("evaluations", 1)):  # Snakemake 9 prints gpu=Resource("gpu", 3), 8 gpu=3
+        assert re.search(rf'\b{name}=(?:Resource\("{name}", )?{value}\b', provided.group(1)), provided.group(0)
 
 
 # --- the DAG end to end on a tiny real model, then which jobs rerun on which change ---------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,6 +105,12 @@ _RESOURCE_DEFAULTS = {
 
 def resource(rule_name: str, key: str) -> int:
     return int((_RAW.get("resources") or {}).get(rule_name, {}).get(key, _RESOURCE_DEFAULTS[rule_name][key]))
+
+
+def evaluation_token() -> int:
+    """An evaluation on a GPU holds one `evaluations` token: on one machine, where jobs do not get GPU ids of
+    their own, a limit of 1 keeps two off the same GPU (set below, or by the local profile); on CPU none."""
+    return 1 if resource("evaluate", "gpu") > 0 else 0
 
 
 # --- what makes a job rerun --------------------------------------------------------------------------------
@@ -321,16 +328,51 @@ TEACHER_ABLATION = BASELINE + [
 CONDA_ENV = "../envs/hdpo.yaml"
 
 
+def visible_gpus() -> int:
+    """GPUs a job started here would see: CUDA_VISIBLE_DEVICES where set (a scheduler's allocation or the
+    user's choice; CUDA ignores the ids from a "-1" on), else the devices `nvidia-smi -L` lists; 0 without
+    either."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [d.strip() for d in env.split(",") if d.strip()]
+        return ids.index("-1") if "-1" in ids else len(ids)
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def _given(name: str):
+    """A global resource as given on the command line or in a profile (None when not given)."""
+    value = workflow.global_resources.get(name)
+    return getattr(value, "value", value)  # Snakemake 9 wraps values in Resource objects, 8 does not
+
+
+# GPU jobs on one machine (Snakemake's local executor: no --jobs, so no nodes) with no `gpu` limit given:
+# Snakemake would start them all at once and give none its own GPU ids. So the GPUs visible here become the
+# limit (a train job asking for more starts fewer torchrun processes) and evaluations, 1 GPU each and all on
+# the first GPU, run one at a time: what `--profile workflow/profiles/local` sets, so `snakemake --cores all`
+# runs the paper on a GPU node. Set at parse time: Snakemake sizes each job against these limits when it
+# builds the DAG. Without a visible GPU the run stops before any job (below).
+GPU_JOBS = max(resource(name, "gpu") for name in _RESOURCE_DEFAULTS)
+if GPU_JOBS > 0 and _given("_nodes") is None and getattr(workflow, "is_main_process", True):
+    if _given("gpu") is None and (_visible := visible_gpus()) > 0:
+        workflow.global_resources["gpu"] = _visible
+        print(f"hdpo: no gpu limit given: using the {_visible} GPU(s) visible here "
+              f"(as --resources gpu={_visible} evaluations=1)", file=sys.stderr)
+    if _given("gpu") is not None and _given("evaluations") is None:
+        workflow.global_resources["evaluations"] = 1
+
+
 def _check_gpu_limit():
-    """On one machine without a `gpu` limit, Snakemake would start every GPU job at once (five 8-GPU
-    trainings on one node). Stop before any job instead, naming the fix."""
-    wants = max(resource(name, "gpu") for name in _RESOURCE_DEFAULTS)
-    if wants > 0 and workflow.local_exec and "gpu" not in workflow.global_resources:
+    """GPU jobs on one machine with no GPU limit (none given, none visible): stop before any job, naming the fix."""
+    if GPU_JOBS > 0 and workflow.local_exec and "gpu" not in workflow.global_resources:
         raise WorkflowError(
-            f"the config ({LAYERS}) asks for GPUs (resources.*.gpu up to {wants}) but Snakemake got no GPU limit: on one "
-            "machine it would start all GPU jobs at once. Run with `--profile workflow/profiles/local` (8 GPUs, "
-            "one evaluation at a time) or give `--resources gpu=<number of GPUs>`. On a machine without GPUs use "
-            "`--configfile config/demo.yaml`.")
+            f"the config ({LAYERS}) asks for GPUs (resources.*.gpu up to {GPU_JOBS}) but none is visible here "
+            "(CUDA_VISIBLE_DEVICES, nvidia-smi) and Snakemake got no GPU limit. On a machine without GPUs use "
+            "`--configfile config/demo.yaml`; else give `--resources gpu=<number of GPUs>` or run with "
+            "`--profile workflow/profiles/local`.")
 
 
 onstart:

@@ -24,6 +24,7 @@ rule evaluate:
     threads: resource("evaluate", "threads")
     resources:
         gpu=resource("evaluate", "gpu"),
+        evaluations=evaluation_token(),
         mem_mb=resource("evaluate", "mem_mb"),
         runtime=resource("evaluate", "runtime"),
     shell:
@@ -53,6 +54,7 @@ rule evaluate_base:
     threads: resource("evaluate", "threads")
     resources:
         gpu=resource("evaluate", "gpu"),
+        evaluations=evaluation_token(),
         mem_mb=resource("evaluate", "mem_mb"),
         runtime=resource("evaluate", "runtime"),
     shell:
