@@ -129,7 +129,8 @@ def test_dropped_requests_stop_and_the_others_do_not_change(model):
 @pytest.fixture(scope="module")
 def text_model(tokenizer_dir):
     """The real SmolLM2 tokenizer and a random model of its vocabulary, so generate_then runs as in training:
-    text prompts tokenized, responses decoded."""
+    text prompts tokenized, responses decoded. Its EOS row is scaled up so that rollouts end at all lengths
+    (about half before 48 tokens), as real ones do: rows leave the batch and join it."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -137,7 +138,10 @@ def text_model(tokenizer_dir):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg).eval(), tok
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 0.7 * torch.randn(32, generator=torch.Generator().manual_seed(5))
+    return model, tok
 
 
 def words(seed: int, count: int, step: int) -> list[str]:
@@ -161,7 +165,9 @@ def test_generate_then_overlapped_equals_two_phases(text_model):
     ids = lambda groups: [[r.response_ids for r in g] for g in groups]  # noqa: E731
     assert ids(a_groups) == ids(b_groups)
     assert ids(a_more.values()) == ids(b_more.values())
-    assert [[r.text for r in g] for g in a_groups] == [[r.text for r in g] for g in b_groups]
+    assert [[r.finished for r in g] for g in a_groups] == [[r.finished for r in g] for g in b_groups]
+    ended = [r.finished for g in a_groups + list(a_more.values()) for r in g]
+    assert any(ended) and not all(ended)  # rows left the batch early, and others ran to the limit
     assert len({tuple(r.response_ids) for g in a_more.values() for r in g}) > 1
 
 
@@ -194,6 +200,9 @@ def test_speculative_follow_ups_are_the_same_in_fewer_steps(text_model):
     assert sorted(a_more) == sorted(b_more) and 0 < len(a_more) < len(prompts)  # some prompts need follow-ups
     assert ids(a_more.values()) == ids(b_more.values())
     assert spec.dropped_rows == 3 * (len(prompts) - len(a_more)) and spec.dropped_tokens > 0
+    # some follow-ups were dropped mid-flight, before their token limit, or before they started
+    assert spec.dropped_tokens < spec.dropped_rows * s.max_new_tokens
+    assert any(r.finished for g in a_groups for r in g) and not all(r.finished for g in a_groups for r in g)
     assert a_steps < b_steps
     # the default (every other backend) runs the two phases whatever `speculate` asks: the same samples again
     c_groups, c_more = Generator.generate_then(gen, prompts, 4, s, then, 3, seeds=seeds,
