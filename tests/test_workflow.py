@@ -50,6 +50,13 @@ def snakemake(workdir: Path, *args: str, snakefile: Path = SNAKEFILE, check: boo
     return out if check else (proc.returncode, out)
 
 
+@pytest.fixture(autouse=True)
+def _no_gpu_visible(monkeypatch):
+    """The workflow counts this machine's GPUs when no limit is given: every test here sees none, wherever it
+    runs, unless it says otherwise."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def job_counts(out: str) -> dict[str, int]:
     """The 'Job stats' table of a dry-run: rule -> number of jobs ({} when nothing is to be done)."""
     counts, in_table = {}, False
@@ -295,16 +302,16 @@ def test_local_profile(tmp_path):
     out = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow" / "profiles" / "local"),
                     "--configfile", str(PAPER_CONFIG))
     assert job_counts(out)["train"] == 6
-    # one evaluation at a time, the untrained model's too: the local executor would put them all on GPU 0
-    blocks = _job_blocks(out, "evaluate") + _job_blocks(out, "evaluate_base")
-    assert len(blocks) == 36 + 3
+    # one GPU job at a time, the untrained model's evaluations too: the local executor gives no job GPU ids
+    blocks = _job_blocks(out, "train") + _job_blocks(out, "evaluate") + _job_blocks(out, "evaluate_base")
+    assert len(blocks) == 6 + 36 + 3
     for block in blocks:
-        assert re.search(r"\bevaluations=1\b", block), block
+        assert re.search(r"\bgpu_jobs=1\b", block), block
+    assert "gpu_jobs=1" in (REPO / "workflow" / "profiles" / "local" / "config.yaml").read_text()
 
 
-def test_gpu_jobs_without_a_gpu_limit_or_a_visible_gpu_stop_before_running(tmp_path, monkeypatch):
+def test_gpu_jobs_without_a_gpu_limit_or_a_visible_gpu_stop_before_running(tmp_path):
     """GPU jobs on one machine with no `gpu` limit and no GPU visible: stop before any job, naming the fixes."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     code, out = snakemake(tmp_path, "--cores", "1", "--configfile", str(PAPER_CONFIG), "prepare_data", check=False)
     assert code != 0 and "--resources gpu=" in out and "config/demo.yaml" in out
     assert not (tmp_path / "results" / "logs" / "prepare_data.log").exists()
@@ -318,8 +325,9 @@ def test_without_a_gpu_limit_the_visible_gpus_are_the_limit(tmp_path, monkeypatc
     out = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--configfile", str(PAPER_CONFIG))
     assert "using the 2 GPU(s) visible here" in out
     assert len(re.findall(r"torch.distributed.run --standalone --nproc_per_node=2 -m hdpo train", out)) == 6
-    blocks = _job_blocks(out, "evaluate") + _job_blocks(out, "evaluate_base")
-    assert len(blocks) == 36 + 3 and all(re.search(r"\bevaluations=1\b", b) for b in blocks)
+    blocks = _job_blocks(out, "train") + _job_blocks(out, "evaluate") + _job_blocks(out, "evaluate_base")
+    assert len(blocks) == 6 + 36 + 3 and all(re.search(r"\bgpu_jobs=1\b", b) for b in blocks)
+    assert not any("gpu_jobs=1" in b for b in _job_blocks(out, "prepare_data") + _job_blocks(out, "tables"))
     out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "4", "--resources", "gpu=4",
                     "--configfile", str(PAPER_CONFIG))
     assert "visible here" not in out and "--nproc_per_node=4 -m hdpo train" in out
@@ -328,9 +336,41 @@ def test_without_a_gpu_limit_the_visible_gpus_are_the_limit(tmp_path, monkeypatc
     assert code != 0 and "--resources gpu=" in out
 
 
+@pytest.mark.parametrize("visible, smi, gpus", [
+    ("0,1,NoDevFiles,3", None, 2),  # CUDA stops at the first entry that is no index or UUID (SLURM's filler)
+    ("GPU-8a7e,GPU-19f2,GPU-44c0", None, 3),
+    (None, "GPU 0: NVIDIA H100 (UUID: GPU-1)\nGPU 1: NVIDIA H100 (UUID: GPU-2)\n", 2),
+    (None, "GPU 0: NVIDIA A100 (UUID: GPU-1)\n  MIG 3g.40gb Device 0: (UUID: MIG-1)\n"
+           "GPU 1: NVIDIA A100 (UUID: GPU-2)\n  MIG 3g.40gb Device 0: (UUID: MIG-2)\n", 1),  # a process sees one MIG
+])
+def test_visible_gpus_are_counted_as_cuda_counts_them(tmp_path, monkeypatch, visible, smi, gpus):
+    """CUDA_VISIBLE_DEVICES where set, else `nvidia-smi -L` (a stand-in here: this machine has none)."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        (fake / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '%s' '{smi}'\n")
+        (fake / "nvidia-smi").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    out = snakemake(tmp_path, "grpo", "-n", "-p", "--cores", "4", "--configfile", str(PAPER_CONFIG))
+    assert f"using the {gpus} GPU(s) visible here" in out
+    launch = f"torch.distributed.run --standalone --nproc_per_node={gpus} -m hdpo" if gpus > 1 else "python -m hdpo"
+    assert re.search(rf"{re.escape(launch)} train", out)
+
+
+def test_jobs_option_leaves_the_gpus_uncounted_and_says_so(tmp_path, monkeypatch):
+    """With --jobs Snakemake counts cluster nodes: the workflow sets no limit and the stop names why."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    code, out = snakemake(tmp_path, "--cores", "1", "--jobs", "2", "--configfile", str(PAPER_CONFIG), "prepare_data",
+                          check=False)
+    assert code != 0 and "--jobs was given" in out and "visible here" not in out
+
+
 def test_the_limits_found_here_are_the_runs(tiny_repo, monkeypatch):
     """A real run (the data step) of a config whose evaluations ask for a GPU, on a machine that shows 3:
-    Snakemake runs with gpu=3 and one evaluation at a time."""
+    Snakemake runs with gpu=3 and one GPU job at a time."""
     cfg = _tiny()
     cfg["resources"]["evaluate"]["gpu"] = 1
     write_config(tiny_repo / "config" / "gpu.yaml", cfg)
@@ -339,7 +379,7 @@ def test_the_limits_found_here_are_the_runs(tiny_repo, monkeypatch):
                     snakefile=tiny_repo / "workflow" / "Snakefile")
     provided = re.search(r"Provided resources: (.*)", out)
     assert provided, out
-    for name, value in (("gpu", 3), ("evaluations", 1)):  # Snakemake 9 prints gpu=Resource("gpu", 3), 8 gpu=3
+    for name, value in (("gpu", 3), ("gpu_jobs", 1)):  # Snakemake 9 prints gpu=Resource("gpu", 3), 8 gpu=3
         assert re.search(rf'\b{name}=(?:Resource\("{name}", )?{value}\b', provided.group(1)), provided.group(0)
 
 

@@ -107,10 +107,11 @@ def resource(rule_name: str, key: str) -> int:
     return int((_RAW.get("resources") or {}).get(rule_name, {}).get(key, _RESOURCE_DEFAULTS[rule_name][key]))
 
 
-def evaluation_token() -> int:
-    """An evaluation on a GPU holds one `evaluations` token: on one machine, where jobs do not get GPU ids of
-    their own, a limit of 1 keeps two off the same GPU (set below, or by the local profile); on CPU none."""
-    return 1 if resource("evaluate", "gpu") > 0 else 0
+def gpu_job_token(rule_name: str) -> int:
+    """A job on GPUs holds one `gpu_jobs` token. Snakemake's local executor gives no job GPU ids of its own
+    (every job starts at cuda:0), so on one machine a limit of 1 (set below, or by the local profile) keeps
+    two GPU jobs off the same GPUs; on a cluster the token is unlimited. CPU jobs hold none."""
+    return 1 if resource(rule_name, "gpu") > 0 else 0
 
 
 # --- what makes a job rerun --------------------------------------------------------------------------------
@@ -328,19 +329,30 @@ TEACHER_ABLATION = BASELINE + [
 CONDA_ENV = "../envs/hdpo.yaml"
 
 
-def visible_gpus() -> int:
-    """GPUs a job started here would see: CUDA_VISIBLE_DEVICES where set (a scheduler's allocation or the
-    user's choice; CUDA ignores the ids from a "-1" on), else the devices `nvidia-smi -L` lists; 0 without
-    either."""
+def visible_gpus() -> tuple[int, str]:
+    """GPUs a job started here would see, and where that number comes from. CUDA_VISIBLE_DEVICES where set (a
+    scheduler's allocation or the user's choice; CUDA ignores the entries from the first one that is not an
+    index or a GPU/MIG UUID, e.g. "-1" or SLURM's "NoDevFiles"), else `nvidia-smi -L` (with MIG on, a process
+    sees one MIG device); 0 without either."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
-        ids = [d.strip() for d in env.split(",") if d.strip()]
-        return ids.index("-1") if "-1" in ids else len(ids)
+        count = 0
+        for entry in (e.strip() for e in env.split(",")):
+            if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+                break
+            count += 1
+        return count, f"CUDA_VISIBLE_DEVICES={env}"
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        print("hdpo: nvidia-smi -L did not answer in 15 s: counting no GPUs", file=sys.stderr)
+        return 0, "nvidia-smi (no answer)"
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+        return 0, "no nvidia-smi"
+    lines = out.stdout.splitlines() if out.returncode == 0 else []
+    if any(line.strip().startswith("MIG ") for line in lines):
+        return 1, "nvidia-smi -L (MIG: one device per process)"
+    return sum(line.startswith("GPU ") for line in lines), "nvidia-smi -L"
 
 
 def _given(name: str):
@@ -350,29 +362,36 @@ def _given(name: str):
 
 
 # GPU jobs on one machine (Snakemake's local executor: no --jobs, so no nodes) with no `gpu` limit given:
-# Snakemake would start them all at once and give none its own GPU ids. So the GPUs visible here become the
-# limit (a train job asking for more starts fewer torchrun processes) and evaluations, 1 GPU each and all on
-# the first GPU, run one at a time: what `--profile workflow/profiles/local` sets, so `snakemake --cores all`
-# runs the paper on a GPU node. Set at parse time: Snakemake sizes each job against these limits when it
-# builds the DAG. Without a visible GPU the run stops before any job (below).
+# Snakemake would start them all at once, and every one on the first GPUs. So the GPUs visible here become the
+# limit (a train job asking for more starts fewer torchrun processes) and GPU jobs run one at a time (the
+# `gpu_jobs` token): `snakemake --cores all` runs the paper on a GPU node. Set at parse time, as Snakemake sizes
+# each job against these limits when it builds the DAG. With none visible the run stops before any job (below).
 GPU_JOBS = max(resource(name, "gpu") for name in _RESOURCE_DEFAULTS)
-if GPU_JOBS > 0 and _given("_nodes") is None and getattr(workflow, "is_main_process", True):
-    if _given("gpu") is None and (_visible := visible_gpus()) > 0:
-        workflow.global_resources["gpu"] = _visible
-        print(f"hdpo: no gpu limit given: using the {_visible} GPU(s) visible here "
-              f"(as --resources gpu={_visible} evaluations=1)", file=sys.stderr)
-    if _given("gpu") is not None and _given("evaluations") is None:
-        workflow.global_resources["evaluations"] = 1
+_ONE_MACHINE = _given("_nodes") is None
+_VISIBLE = None
+if GPU_JOBS > 0 and _ONE_MACHINE and getattr(workflow, "is_main_process", True):
+    if _given("gpu") is None:
+        _VISIBLE = visible_gpus()
+        if _VISIBLE[0] > 0:
+            workflow.global_resources["gpu"] = _VISIBLE[0]
+            print(f"hdpo: no gpu limit given: using the {_VISIBLE[0]} GPU(s) visible here ({_VISIBLE[1]}), "
+                  f"one GPU job at a time (as --resources gpu={_VISIBLE[0]} gpu_jobs=1)", file=sys.stderr)
+    if _given("gpu") is not None and _given("gpu_jobs") is None:
+        workflow.global_resources["gpu_jobs"] = 1
 
 
 def _check_gpu_limit():
-    """GPU jobs on one machine with no GPU limit (none given, none visible): stop before any job, naming the fix."""
-    if GPU_JOBS > 0 and workflow.local_exec and "gpu" not in workflow.global_resources:
-        raise WorkflowError(
-            f"the config ({LAYERS}) asks for GPUs (resources.*.gpu up to {GPU_JOBS}) but none is visible here "
-            "(CUDA_VISIBLE_DEVICES, nvidia-smi) and Snakemake got no GPU limit. On a machine without GPUs use "
-            "`--configfile config/demo.yaml`; else give `--resources gpu=<number of GPUs>` or run with "
-            "`--profile workflow/profiles/local`.")
+    """GPU jobs on one machine and no GPU limit (none given, none found): stop before any job, naming why."""
+    if GPU_JOBS == 0 or not workflow.local_exec or "gpu" in workflow.global_resources or workflow.touch:
+        return
+    if not _ONE_MACHINE:
+        why = "--jobs was given, so the workflow does not count this machine's GPUs"
+    else:
+        why = f"no GPU is visible here ({(_VISIBLE or (0, 'not looked for'))[1]})"
+    raise WorkflowError(
+        f"the config ({LAYERS}) asks for GPUs (resources.*.gpu up to {GPU_JOBS}) and Snakemake got no GPU limit: "
+        f"{why}. Give `--resources gpu=<number of GPUs>`, or on a machine without GPUs use "
+        "`--configfile config/demo.yaml`.")
 
 
 onstart:

@@ -24,7 +24,7 @@ rule evaluate:
     threads: resource("evaluate", "threads")
     resources:
         gpu=resource("evaluate", "gpu"),
-        evaluations=evaluation_token(),
+        gpu_jobs=gpu_job_token("evaluate"),
         mem_mb=resource("evaluate", "mem_mb"),
         runtime=resource("evaluate", "runtime"),
     shell:
@@ -54,7 +54,7 @@ rule evaluate_base:
     threads: resource("evaluate", "threads")
     resources:
         gpu=resource("evaluate", "gpu"),
-        evaluations=evaluation_token(),
+        gpu_jobs=gpu_job_token("evaluate"),
         mem_mb=resource("evaluate", "mem_mb"),
         runtime=resource("evaluate", "runtime"),
     shell:

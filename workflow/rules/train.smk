@@ -32,6 +32,7 @@ rule train:
     threads: resource("train", "threads")
     resources:
         gpu=resource("train", "gpu"),
+        gpu_jobs=gpu_job_token("train"),
         mem_mb=resource("train", "mem_mb"),
         runtime=resource("train", "runtime"),
     shell:
