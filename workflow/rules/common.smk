@@ -382,12 +382,12 @@ if GPU_JOBS > 0 and _ONE_MACHINE and getattr(workflow, "is_main_process", True):
 
 def _check_gpu_limit():
     """GPU jobs on one machine and no GPU limit (none given, none found): stop before any job, naming why."""
-    if GPU_JOBS == 0 or not workflow.local_exec or "gpu" in workflow.global_resources or workflow.touch:
+    if GPU_JOBS == 0 or not workflow.local_exec or _given("gpu") is not None or workflow.touch:
         return
     if not _ONE_MACHINE:
         why = "--jobs was given, so the workflow does not count this machine's GPUs"
-    else:
-        why = f"no GPU is visible here ({(_VISIBLE or (0, 'not looked for'))[1]})"
+    else:  # one machine, no limit: the parse above looked, and found none
+        why = f"no GPU is visible here ({_VISIBLE[1]})"
     raise WorkflowError(
         f"the config ({LAYERS}) asks for GPUs (resources.*.gpu up to {GPU_JOBS}) and Snakemake got no GPU limit: "
         f"{why}. Give `--resources gpu=<number of GPUs>`, or on a machine without GPUs use "
