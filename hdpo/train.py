@@ -43,7 +43,7 @@ from hdpo.generation import Sampling, Speculation, follow_seed, make_generator, 
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
 from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
                            plan_micro_batches, response_hidden)
-from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages
+from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages, sampler_correction_weights
 from hdpo.models import (autocast, default_device, dynamic_shape_attention, eval_mode, load_model, load_tokenizer,
                          resolve_model)
 from hdpo.reward import RewardScorer, RewardStats
@@ -161,20 +161,27 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
                          clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None,
                          sampler_logprobs: Optional[list[list[float]]] = None, amp=contextlib.nullcontext,
                          token_budget: Optional[int] = None, pack: bool = False, temperature: float = 1.0,
-                         chunk: int = DEFAULT_CHUNK) -> dict:
+                         chunk: int = DEFAULT_CHUNK, correction: tuple[str, float] = ("none", 2.0)) -> dict:
     """Backward of L_GRPO/N_grpo + lambda L_JSD/N_distill for this rank's share, micro-batch by micro-batch.
 
     `grpo` holds (prompt ids, response ids, advantage) of the rollouts with a non-zero advantage (the others
     contribute exactly zero loss and gradient, but their tokens count in the global `n_grpo`).
     `old_logprobs`: pi_old per token; None means on-policy (pi_old = the current weights, detached).
-    `sampler_logprobs`: the generator's log-probs of the same tokens, to measure engine/trainer mismatch.
+    `sampler_logprobs`: the generator's log-probs of the same tokens, to measure engine/trainer mismatch and,
+    with `correction` = (grpo.sampler_correction, its cap) not "none", to weight the GRPO term by truncated
+    importance weights (`hdpo.losses.sampler_correction_weights`).
     Micro-batches: at most `micro` sequences and `token_budget` tokens each, sorted by length, optionally
     packed (`hdpo.logprobs.plan_micro_batches`); log-probs come from the hidden states `chunk` positions at a
-    time. Returns this rank's loss parts (already divided by the global counts) and the mismatch sums.
+    time. Returns this rank's loss parts (already divided by the global counts), the mismatch sums and the
+    correction's weight sum, capped count and units (tokens or rollouts).
     """
     device = next(model.parameters()).device
     weight, bias = output_projection(model)
-    parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0}
+    parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0, "is_weight_sum": 0.0,
+             "is_capped": 0.0, "is_units": 0.0}
+    mode, cap = correction
+    if mode != "none" and sampler_logprobs is None:
+        raise ValueError(f"sampler correction {mode!r} needs the sampler's log-probs")
     for mb in plan_micro_batches([len(c[0]) + len(c[1]) for c in grpo], micro, token_budget, pack):
         chunk_items = [grpo[i] for i in mb]
         if not any(c[1] for c in chunk_items):
@@ -187,18 +194,23 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
             old = lp.detach()
         else:
             old = torch.tensor([x for i in mb for x in old_logprobs[i]], dtype=lp.dtype, device=device)
+        weights = None
         if sampler_logprobs is not None:
-            with torch.no_grad():
-                start = 0
-                for i in mb:
-                    g = torch.tensor(sampler_logprobs[i], dtype=lp.dtype, device=device)
-                    parts["mismatch_sum"] += (lp[start:start + len(g)] - g).abs().sum().item()
-                    parts["mismatch_tokens"] += len(g)
-                    start += len(grpo[i][1])
+            lengths = [len(c[1]) for c in chunk_items]
+            if [len(sampler_logprobs[i]) for i in mb] != lengths:
+                raise ValueError("the sampler's log-probs do not cover the rollouts' tokens one to one")
+            sampled = torch.tensor([x for i in mb for x in sampler_logprobs[i]], dtype=lp.dtype, device=device)
+            parts["mismatch_sum"] += (lp.detach() - sampled).abs().sum().item()
+            parts["mismatch_tokens"] += sampled.numel()
+            if mode != "none":
+                weights, capped = sampler_correction_weights(old, sampled, lengths, mode, cap)
+                parts["is_weight_sum"] += float(weights.sum())
+                parts["is_capped"] += float(capped.sum())
+                parts["is_units"] += capped.numel()
         # one advantage per token (the flat layout has no padding, so the mask is all ones)
         adv = torch.tensor([c[2] for c in chunk_items for _ in c[1]], device=device)
         loss = grpo_token_loss_sum(lp[:, None], old[:, None], adv, torch.ones_like(lp)[:, None], clip_low,
-                                   clip_high) / n_grpo
+                                   clip_high, None if weights is None else weights[:, None]) / n_grpo
         loss.backward()
         parts["grpo"] += loss.item()
     for mb in plan_micro_batches([len(d.prompt_ids) + len(d.response_ids) for d in distill], micro, token_budget,
@@ -260,12 +272,12 @@ class Trainer:
         g = cfg.generation
         self.generator = make_generator(g.backend, self.policy, self.tok, g.batch_size,
                                         cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
-                                        cfg.model.dtype)
+                                        cfg.model.dtype, g.vllm_cpu_kv_cache_gib)
         self.priv_generator = self.generator
         if self.frozen is not None and cfg.hdpo.privileged_sampler == "teacher":
             self.priv_generator = make_generator(g.backend, self.frozen, self.tok, g.batch_size,
                                                  cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
-                                                 cfg.model.dtype)
+                                                 cfg.model.dtype, g.vllm_cpu_kv_cache_gib)
         # One decode loop runs the rollouts and the cliffs' privileged rollouts when the policy samples both and
         # the cap cannot cut the cliffs (cap >= prompts per step, the paper's setting): fixed for the run.
         self.overlap = (self.hdpo_on and self.priv_generator is self.generator
@@ -434,7 +446,8 @@ class Trainer:
                                      h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
                                      cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
                                      sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp, **self.micro_kw,
-                                     temperature=self.sampling.temperature)
+                                     temperature=self.sampling.temperature,
+                                     correction=(cfg.grpo.sampler_correction, cfg.grpo.sampler_correction_cap))
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
         loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
         loss = loss_grpo + h.distill_weight * loss_jsd
@@ -475,9 +488,10 @@ class Trainer:
                  stats_after["parse_failures"] - stats_before["parse_failures"],
                  stats_after["timeouts"] - stats_before["timeouts"],
                  stats_after["timeouts_retried"] - stats_before["timeouts_retried"],
-                 parts["mismatch_sum"], parts["mismatch_tokens"], *dropped]
+                 parts["mismatch_sum"], parts["mismatch_tokens"], *dropped,
+                 parts["is_weight_sum"], parts["is_capped"], parts["is_units"]]
         (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to, retried, mm_sum,
-         mm_tok, drop_rows, drop_tokens) = dist.sum_all(local)
+         mm_tok, drop_rows, drop_tokens, is_wsum, is_capped, is_units) = dist.sum_all(local)
         return {
             "kind": "train", "step": step + 1,
             "loss/total": loss, "loss/grpo": loss_grpo, "loss/jsd": loss_jsd,
@@ -497,6 +511,10 @@ class Trainer:
             "nonfinite_skipped": int(skipped),
             # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)
             "logprob/sampler_vs_trainer_abs_diff": mm_sum / mm_tok if mm_tok else None,
+            # grpo.sampler_correction: the mean truncated importance weight (per token: over tokens; per sequence:
+            # over the tokens, each weighted by its rollout's) and the fraction of tokens/rollouts the cap cut
+            "sampler_correction/mean_weight": is_wsum / mm_tok if is_units and mm_tok else None,
+            "sampler_correction/capped_fraction": is_capped / is_units if is_units else None,
             **_mean_times(times),
         }
 

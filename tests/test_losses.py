@@ -189,3 +189,50 @@ def test_token_logprobs_matches_log_softmax():
     logits = torch.randn(3, 4, 9)
     ids = torch.randint(0, 9, (3, 4, 2))
     torch.testing.assert_close(token_logprobs(logits, ids), torch.log_softmax(logits, -1).gather(-1, ids))
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_sampler_correction_weights_brute_force(mode):
+    from hdpo.losses import sampler_correction_weights
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, 1, 5, 2]
+    trainer = -torch.rand(sum(lengths), generator=g, dtype=torch.float64) * 3
+    sampler = trainer + torch.randn(sum(lengths), generator=g, dtype=torch.float64) * 0.6
+    cap = 1.5
+    w, capped = sampler_correction_weights(trainer, sampler, lengths, mode, cap)
+    expected, flags, pos = [], [], 0
+    for n in lengths:
+        ratios = [math.exp(trainer[pos + t].item() - sampler[pos + t].item()) for t in range(n)]
+        if mode == "token":
+            expected += [min(r, cap) for r in ratios]
+            flags += [r > cap for r in ratios]
+        else:
+            seq = math.prod(ratios)
+            expected += [min(seq, cap)] * n
+            flags.append(seq > cap)
+        pos += n
+    assert w.tolist() == pytest.approx(expected, rel=1e-12)
+    assert capped.tolist() == flags and any(flags) and not all(flags)  # the draw exercises both sides of the cap
+    none, _ = sampler_correction_weights(trainer, sampler, lengths, "none", cap)
+    assert torch.equal(none, torch.ones_like(trainer))
+    with pytest.raises(ValueError, match="tokens"):
+        sampler_correction_weights(trainer, sampler, lengths[:-1], mode, cap)
+
+
+def test_weighted_grpo_gradient_is_each_tokens_weight_times_its_plain_gradient():
+    """On-policy (ratio 1) the weighted surrogate's gradient is -sum_t w_t A grad log p_t, and the weights carry
+    no gradient of their own."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 4, 1), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    w = torch.rand(2, 4, generator=g, dtype=torch.float64) + 0.5
+    lp = token_logprobs(logits, ids).squeeze(-1)
+    grpo_token_loss_sum(lp, lp.detach(), adv, mask, 0.2, 0.2, weights=w).backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    lp = token_logprobs(logits, ids).squeeze(-1)
+    (-(w * adv[:, None] * lp * mask).sum()).backward()
+    torch.testing.assert_close(got, logits.grad, rtol=1e-5, atol=1e-7)  # token_logprobs works in float32

@@ -105,6 +105,43 @@ def test_gradients_invariant_to_micro_batches(tiny_model_dir):
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_sampler_correction_weights_the_grpo_term_in_any_micro_batching(tiny_model_dir, mode):
+    """accumulate_gradients with grpo.sampler_correction: float64, against the unsplit batch's loss with the
+    truncated weights computed by hand, for one sequence per micro-batch and all in one."""
+    from hdpo.losses import grpo_token_loss_sum, token_logprobs
+
+    model, tok = _load(tiny_model_dir)
+    model = model.double()
+    items = _items(tok)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the sampler's log-probs: the trainer's, off by up to ~0.5 nats per token
+        logits, mask, ids = response_logits(model, [p for p, _, _ in items], [r for _, r, _ in items], 0)
+        lp = token_logprobs(logits, ids[..., None]).squeeze(-1)
+    sampled = [(lp[i, :len(r)] + 0.3 * torch.randn(len(r), generator=g, dtype=torch.float64)).tolist()
+               for i, (_, r, _) in enumerate(items)]
+    n = float(sum(len(r) for _, r, _ in items))
+    cap = 1.3
+    model.zero_grad(set_to_none=True)
+    logits, mask, ids = response_logits(model, [p for p, _, _ in items], [r for _, r, _ in items], 0)
+    lp = token_logprobs(logits, ids[..., None]).squeeze(-1)
+    w = torch.zeros_like(lp)
+    for i, (_, r, _) in enumerate(items):
+        ratio = (lp[i, :len(r)].detach() - torch.tensor(sampled[i], dtype=torch.float64)).exp()
+        w[i, :len(r)] = ratio.clamp(max=cap) if mode == "token" else ratio.prod().clamp(max=cap)
+    adv = torch.tensor([a for _, _, a in items], dtype=torch.float64)
+    (grpo_token_loss_sum(lp, lp.detach(), adv, mask, 0.2, 0.2, weights=w) / n).backward()
+    ref = _grads(model)
+    assert 0 < (w[mask > 0] >= cap).sum() < mask.sum()  # some weights capped, some not
+    for micro in (1, len(items)):
+        model.zero_grad(set_to_none=True)
+        parts = accumulate_gradients(model, items, [], n, 1.0, 0.0, micro, 0, 0.2, 0.2, sampler_logprobs=sampled,
+                                     correction=(mode, cap))
+        assert parts["is_units"] == (n if mode == "token" else len(items))
+        for name, grad in _grads(model).items():  # the log-probs are float32 inside: a scale-relative bound
+            torch.testing.assert_close(grad, ref[name], rtol=1e-3, atol=1e-4 * float(ref[name].abs().max()))
+
+
 def _accumulate_full_logits(model, grpo, distill, weight=0.5, temperature=1.0):
     """Today's math on the unsplit padded batch: full [B, T, V] logits, token_logprobs and topk_jsd."""
     from hdpo.losses import grpo_token_loss_sum, token_logprobs, topk_jsd
