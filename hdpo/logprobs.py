@@ -96,8 +96,13 @@ def plan_micro_batches(lengths: list[int], max_sequences: int, token_budget: Opt
 
 # --- chunked math ------------------------------------------------------------------------------------
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to float32 for the loss math; float64 stays float64 (the invariance tests run in it)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _logits(h, weight, bias, temperature):
-    logits = F.linear(h, weight, bias).float()
+    logits = at_least_float32(F.linear(h, weight, bias))
     return logits / temperature if temperature != 1.0 else logits
 
 

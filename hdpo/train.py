@@ -208,7 +208,7 @@ def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], 
                 parts["is_capped"] += float(capped.sum())
                 parts["is_units"] += capped.numel()
         # one advantage per token (the flat layout has no padding, so the mask is all ones)
-        adv = torch.tensor([c[2] for c in chunk_items for _ in c[1]], device=device)
+        adv = torch.tensor([c[2] for c in chunk_items for _ in c[1]], dtype=lp.dtype, device=device)
         loss = grpo_token_loss_sum(lp[:, None], old[:, None], adv, torch.ones_like(lp)[:, None], clip_low,
                                    clip_high, None if weights is None else weights[:, None]) / n_grpo
         loss.backward()

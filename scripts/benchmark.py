@@ -8,6 +8,9 @@
                                                     # (hdpo.decode) vs PyTorch's default backends (GPU)
   python scripts/benchmark.py --checkpoint          # extra peak memory of writing a checkpoint (weights + AdamW
                                                     # states, 1 GiB): streamed vs a copied state (baseline)
+  python scripts/benchmark.py --backends            # generated tokens/s of the vLLM backend vs the transformers
+                                                    # backend (baseline) on the demo model and the demo's shapes:
+                                                    # a training step's rollouts and a validation pass
 
 Memory: each case runs once in a fresh subprocess (CPU: growth of the peak RSS; CUDA: peak allocated), the
 baseline being a copy of the full-logits code this package used before the chunked path (kept below), so the
@@ -311,6 +314,73 @@ def checkpoint_ratio(gib: float = 1.0) -> dict:
     return {"gib": gib, "baseline": old, "streamed": new, "ratio": ratio}
 
 
+BACKEND_WORKLOADS = {  # (prompts, samples per prompt, greedy too): the demo's shapes (config/demo.yaml)
+    "train_step_rollouts": (4, 4, False),  # 2 prompts x K=4 rollouts + 2 cliffs x 4 privileged rollouts
+    "validation": (8, 4, True),  # max_val_problems 8 x num_samples 4, and a greedy answer each
+}
+
+
+def _word_problems(n: int, offset: int) -> list[str]:
+    return [f"Dana has {7 + 3 * i + offset} marbles. She gives {2 + i} to her brother and then buys {5 + 2 * i} "
+            f"more. How many marbles does Dana have now?" for i in range(n)]
+
+
+def backend_case(impl: str, threads: int, new: int, repeat: int) -> dict:
+    """One backend in this (fresh) process on the demo model: start-up, then each workload `repeat` times with
+    other problems each time; tokens/s = generated tokens / seconds (the median repeat)."""
+    import tempfile
+
+    from hdpo.config import SYSTEM_PROMPT, load_config
+    from hdpo.data import Problem, build_messages, render_prompt
+    from hdpo.generation import Sampling, make_generator
+    from hdpo.models import load_model, load_tokenizer, resolve_model
+
+    torch.set_num_threads(threads)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "demo.yaml")
+    cache = Path(tempfile.gettempdir()) / "hdpo-benchmark-models"
+    name = resolve_model(cfg.model, cache)
+    tok = load_tokenizer(name)
+    model = load_model(name, "float32")
+    t0 = time.perf_counter()
+    gen = make_generator(impl, model, tok, cfg.generation.batch_size, cfg.model.max_total_sequence_length,
+                         dtype="float32", cpu_kv_cache_gib=cfg.generation.vllm_cpu_kv_cache_gib)
+    if impl == "vllm":  # the first sync and probe happen on first use: part of start-up
+        gen.generate(["warm-up"], 1, Sampling(max_new_tokens=1), seeds=[0])
+    report = {"backend": impl, "threads": threads, "startup_s": time.perf_counter() - t0}
+    for work, (n_prompts, n, greedy) in BACKEND_WORKLOADS.items():
+        runs = []
+        for r in range(repeat):
+            problems = [Problem(f"b{i}", q, None, "0", "bench") for i, q in enumerate(_word_problems(n_prompts, r))]
+            prompts = [render_prompt(tok, build_messages(p, SYSTEM_PROMPT)) for p in problems]
+            t = time.perf_counter()
+            groups = gen.generate(prompts, n, Sampling(1.0, 1.0, new), seeds=list(range(100 * r, 100 * r + n_prompts)))
+            tokens = sum(len(x.response_ids) for g in groups for x in g)
+            if greedy:
+                tokens += sum(len(x.response_ids) for g in gen.generate(prompts, 1, Sampling(max_new_tokens=new,
+                                                                                                greedy=True))
+                              for x in g)
+            runs.append({"seconds": time.perf_counter() - t, "tokens": tokens})
+        mid = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
+        report[work] = {**mid, "tokens_per_s": mid["tokens"] / mid["seconds"],
+                        "tokens_per_s_all": [x["tokens"] / x["seconds"] for x in runs]}
+    return report
+
+
+def backend_ratios(threads: int = 1, new: int = 96, repeat: int = 3) -> dict:
+    """The vLLM backend against the transformers backend (the baseline), each in a fresh process, same run."""
+    base = _run_case("backend", "transformers", threads=threads, new=new, repeat=repeat)
+    vllm = _run_case("backend", "vllm", threads=threads, new=new, repeat=repeat)
+    print(f"demo model, float32, {threads} thread(s), up to {new} new tokens, median of {repeat}")
+    print(f"{'':22s} {'transformers':>14s} {'vLLM':>14s} {'ratio':>7s}")
+    print(f"{'start-up (s)':22s} {base['startup_s']:14.1f} {vllm['startup_s']:14.1f}")
+    report = {"threads": threads, "new_tokens": new, "transformers": base, "vllm": vllm}
+    for work in BACKEND_WORKLOADS:
+        b, v = base[work]["tokens_per_s"], vllm[work]["tokens_per_s"]
+        report[f"{work}_ratio"] = v / b
+        print(f"{work + ' (tok/s)':22s} {b:14.1f} {v:14.1f} {v / b:6.2f}x")
+    return report
+
+
 def _run_case(case: str, impl: str, **kw) -> dict:
     cmd = [sys.executable, __file__, "--case", json.dumps({"case": case, "impl": impl, **kw})]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -342,7 +412,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--case":  # a subprocess of memory_ratios
         spec = json.loads(sys.argv[2])
         case, impl = spec.pop("case"), spec.pop("impl")
-        fn = {"attention": attention_case, "checkpoint": checkpoint_case}.get(case)
+        fn = {"attention": attention_case, "checkpoint": checkpoint_case, "backend": backend_case}.get(case)
         print(json.dumps(fn(impl, **spec) if fn else memory_case(case, impl, **spec)))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,8 +425,11 @@ if __name__ == "__main__":
     ap.add_argument("--new", type=int, default=None, help="--attention: most new tokens (default: GPU 256, CPU 16)")
     ap.add_argument("--checkpoint", action="store_true",
                     help="extra peak memory of a checkpoint write, streamed vs a copied state")
-    ap.add_argument("--json", type=Path, default=None, help="also write the memory, attention or checkpoint "
-                                                            "report here")
+    ap.add_argument("--backends", action="store_true",
+                    help="generated tokens/s, vLLM backend vs transformers backend, on the demo model and shapes")
+    ap.add_argument("--threads", type=int, default=1, help="--backends: torch threads per backend (a demo job's)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the memory, attention, checkpoint or "
+                                                            "backends report here")
     args = ap.parse_args()
     if args.runs:
         step_ratios(args.runs)
@@ -365,6 +438,10 @@ if __name__ == "__main__":
     elif args.attention:
         gpu = torch.cuda.is_available()
         rep = attention_ratio(args.rows or (128 if gpu else 4), args.new or (256 if gpu else 16))
+        if args.json:
+            args.json.write_text(json.dumps(rep, indent=2))
+    elif args.backends:
+        rep = backend_ratios(args.threads, args.new or 96)
         if args.json:
             args.json.write_text(json.dumps(rep, indent=2))
     elif args.checkpoint:

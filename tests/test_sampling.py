@@ -242,7 +242,7 @@ def test_a_row_limit_is_its_own_prompts_room(random_model_dir):
 def test_vllm_params_leave_nothing_to_defaults():
     kw = sampling_kwargs(Sampling(0.7, 0.95, max_new_tokens=9), 9, [2], seed=5)
     assert kw["temperature"] == 0.7 and kw["top_p"] == 0.95 and kw["seed"] == 5
-    assert kw["top_k"] == -1 and kw["min_p"] == 0.0 and kw["repetition_penalty"] == 1.0
+    assert kw["top_k"] == 0 and kw["min_p"] == 0.0 and kw["repetition_penalty"] == 1.0
     assert kw["presence_penalty"] == 0.0 and kw["frequency_penalty"] == 0.0 and kw["min_tokens"] == 0
     engine = build_engine_kwargs("m", "bfloat16", 512, 0.5, {"generation_config", "logprobs_mode"}, False)
     assert engine["generation_config"] == "vllm" and engine["logprobs_mode"] == "processed_logprobs"

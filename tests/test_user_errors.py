@@ -188,6 +188,11 @@ def test_bad_config_names_the_key(mutate, key):
 @pytest.mark.parametrize("name, value", [
     ("eval.temperature", 0),
     ("eval.temperature", -1),
+    ("eval.temperature", 2.5),  # vLLM refuses temperatures above 2
+    ("generation.temperature", 3),
+    ("grpo.sampler_correction_cap", 0.5),
+    ("grpo.sampler_correction", "tokens"),
+    ("generation.vllm_cpu_kv_cache_gib", 0),
     ("eval.top_p", 0),
     ("eval.top_p", 5),
     ("optimizer.betas", [1.5, 2]),

@@ -193,7 +193,10 @@ def test_prefix_cache_is_reset_by_a_sync(policy, tok, monkeypatch):
     from hdpo.generation_vllm import SharedEngine
 
     gen = generator(policy, tok)
-    p = prompts(tok, 1)
+    # long enough to fill whole KV blocks: only full blocks are cached and reused
+    p = [prompts(tok, 1)[0].replace("What is", "Here is a long story. " + "The fox ran over the hill. " * 50 +
+                                    "Now: what is")]
+    assert 300 < len(tok(p[0]).input_ids) < MAX_LEN - 12
     greedy = Sampling(max_new_tokens=12, greedy=True)
 
     def perturb_and_sync():
@@ -264,8 +267,9 @@ def test_sampler_correction_on_engine_rollouts(policy, tok):
         if mode != "none":
             assert parts["is_capped"] == 0 and parts["is_units"] == (n if mode == "token" else len(rollouts))
             assert abs(parts["is_weight_sum"] / n - 1) < 10 * LOGPROB_BOUND
-    for mode in ("token", "sequence"):
-        torch.testing.assert_close(grads[mode], grads["none"], rtol=1e-2, atol=1e-6)
+    scale = float(grads["none"].abs().max())
+    for mode in ("token", "sequence"):  # float32 round-off of weights 1 +- 1e-6 aside
+        torch.testing.assert_close(grads[mode], grads["none"], rtol=1e-3, atol=1e-4 * scale)
 
 
 # --- the real CLI ----------------------------------------------------------------------------------------------
