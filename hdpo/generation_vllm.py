@@ -316,8 +316,10 @@ def verify_engine_weights(engine_model: torch.nn.Module, state: dict[str, torch.
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-    """log p(response token | prefix) under `model` (eval mode, no temperature): what the engine should report."""
+def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: list[int], response_ids: list[int],
+                            temperature: float = 1.0) -> list[float]:
+    """log_softmax(logits / temperature) of each response token given its prefix under `model` (eval mode): what
+    the engine should report (the probe is greedy: temperature 1, the raw model's)."""
     if not response_ids:
         return []
     device = next(model.parameters()).device
@@ -325,7 +327,7 @@ def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: list[int], respo
         ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
         logits = model(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0, :-1].float()
     resp = torch.tensor(response_ids, device=device)
-    return torch.log_softmax(logits, -1).gather(-1, resp[:, None]).squeeze(-1).cpu().tolist()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, resp[:, None]).squeeze(-1).cpu().tolist()
 
 
 # --- the engine ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hdpo.losses import topk_jsd
+from hdpo.losses import at_least_float32, topk_jsd
 
 DEFAULT_CHUNK = 128  # positions per output-projection chunk: 128 x 151936 float32 logits = 74 MiB
 
@@ -95,11 +95,6 @@ def plan_micro_batches(lengths: list[int], max_sequences: int, token_budget: Opt
 
 
 # --- chunked math ------------------------------------------------------------------------------------
-
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 up to float32 for the loss math; float64 stays float64 (the invariance tests run in it)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
 
 def _logits(h, weight, bias, temperature):
     logits = at_least_float32(F.linear(h, weight, bias))

@@ -17,8 +17,9 @@ import torch
 LN2 = math.log(2.0)
 
 
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 up to float32; float64 stays (the invariance tests run in it, so any CPU passes them)."""
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to float32 for the loss math; float64 stays (the invariance tests run in it, so any CPU
+    passes them)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -117,8 +118,8 @@ def topk_jsd(teacher_topk_logprobs: torch.Tensor, student_logprobs_at_topk: torc
     because outside the top-k set P = 0, so M = Q/2 there and Q log(Q/M) = Q ln 2 (Q_rest = 1 - sum_top-k Q).
     The paper writes the tail as Q_rest * ln 2; we keep the standard 1/2 weighting, so JSD <= ln 2.
     """
-    log_p = torch.log_softmax(_at_least_float32(teacher_topk_logprobs.detach()), dim=-1)
-    log_q = _at_least_float32(student_logprobs_at_topk)
+    log_p = torch.log_softmax(at_least_float32(teacher_topk_logprobs.detach()), dim=-1)
+    log_q = at_least_float32(student_logprobs_at_topk)
     log_m = torch.logaddexp(log_p, log_q) - LN2
     p, q = log_p.exp(), log_q.exp()
     inside = p * (log_p - log_m) + q * (log_q - log_m)
@@ -128,5 +129,5 @@ def topk_jsd(teacher_topk_logprobs: torch.Tensor, student_logprobs_at_topk: torc
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids] without materialising the full log-softmax: logits [..., V], ids [..., n]."""
-    logits = _at_least_float32(logits)
+    logits = at_least_float32(logits)
     return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)

@@ -75,18 +75,13 @@ def prompts(tok, n: int = 3) -> list[str]:
                                               SYSTEM_PROMPT)) for i in range(n)]
 
 
-@torch.no_grad()
-def trainer_logprobs(model, rollout, temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits / T) of the sampled tokens under `model`, teacher-forced: what the trainer computes."""
-    ids = torch.tensor([rollout.prompt_ids + rollout.response_ids])
-    logits = model(input_ids=ids).logits[0, len(rollout.prompt_ids) - 1:-1].double() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(rollout.response_ids)[:, None]).squeeze(-1)
-
-
 def gap(model, rollouts, temperature: float = 1.0) -> float:
-    from hdpo.generation_vllm import logprob_mismatch
+    """Mean |engine log-prob - trainer log-prob| of the sampled tokens, the trainer's teacher-forced
+    log_softmax(logits / T) under `model`."""
+    from hdpo.generation_vllm import logprob_mismatch, teacher_forced_logprobs
 
-    return logprob_mismatch(rollouts, [trainer_logprobs(model, r, temperature) for r in rollouts])
+    return logprob_mismatch(rollouts, [teacher_forced_logprobs(model, r.prompt_ids, r.response_ids, temperature)
+                                       for r in rollouts])
 
 
 def adam_step(model, tok, lr: float = 1e-5) -> None:
