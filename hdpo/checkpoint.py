@@ -66,6 +66,13 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def nonfinite_training_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameters and optimizer states holding an inf or NaN, by name."""
+    bad = nonfinite_names(policy.named_parameters())
+    return bad + [f"optimizer state {k}" for st in optimizer.state.values() for k, v in st.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 # --- RNG -----------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
@@ -158,6 +165,15 @@ def save(blob: dict, path: str | Path) -> int:
         written = w.written
     _fsync_dir(path.parent)
     return written
+
+
+def save_training_state(path: str | Path, step: int, best: dict, policy: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler, counters: dict) -> int:
+    """A resumable training checkpoint (model, optimizer, scheduler, RNG, step, best-so-far, the run's counters),
+    written by `save`; returns the bytes written."""
+    blob = {"step": step, "best": best, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "counters": counters}
+    return save(blob, path)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,15 +3,16 @@ point, the way a cluster would (SIGKILL, a full disk, a poisoned gradient). Iner
 
     HDPO_FAULT=<action>@<point>:<n>     act on the n-th time (1-based) this process reaches <point>
 
-points (where the trainer calls `hit`/`wrap`): rollout (after a step's rollouts), grad (after the gradients are
-summed), checkpoint (after a checkpoint is published), checkpoint_write (while the checkpoint bytes are written),
-metrics (while a metrics line is appended).
+points: the end of each phase of a training step (rollout, reward, privileged, privileged_reward, teacher, update;
+hdpo.step_records.StepClock), grad (after the gradients are summed), checkpoint (after a checkpoint is published),
+checkpoint_write (while the checkpoint bytes are written), metrics (while a metrics line is appended).
 actions: kill (SIGKILL this process), enospc (raise OSError ENOSPC), inf (the trainer poisons a gradient),
 tear (write half of the metrics line, then SIGKILL).
 """
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 from typing import Optional
@@ -46,6 +47,13 @@ def hit(point: str) -> Optional[str]:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return action
+
+
+def at_gradients(params) -> None:
+    """The `grad` point, once the gradients are summed: action `inf` makes one gradient element overflow while
+    the loss stays finite (the trainer must skip or stop before the optimizer step)."""
+    if hit("grad") == "inf":
+        next(iter(params)).grad.view(-1)[0] = math.inf
 
 
 def kill_now() -> None:

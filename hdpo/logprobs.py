@@ -74,6 +74,30 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
     return hidden.reshape(-1, hidden.shape[-1])[index.to(device)], targets
 
 
+def response_logits(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Logits that predict each response token, [B, T, V], and the response mask [B, T].
+
+    Prompts are left-padded and responses right-padded, so every response starts at the same column and
+    position t of the result is aligned across two calls with different prompts (student: plain prompt;
+    teacher: privileged prompt). Only the response region's logits are computed (`logits_to_keep`).
+
+    The unchunked reference: the trainer never builds these [B, T, V] logits; the tests and
+    scripts/benchmark.py hold the chunked path against them.
+    """
+    device = next(model.parameters()).device
+    B, W, T = len(prompts), max(map(len, prompts)), max(map(len, responses))
+    ids = torch.full((B, W + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, W + T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, W - len(p):W] = torch.tensor(p)
+        ids[i, W:W + len(r)] = torch.tensor(r)
+        attn[i, W - len(p):W + len(r)] = 1
+    positions = (attn.cumsum(-1) - 1).clamp_min(0)
+    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=T + 1).logits
+    return logits[:, :-1], attn[:, W:].to(logits.dtype), ids[:, W:]
+
+
 def plan_micro_batches(lengths: list[int], max_sequences: int, token_budget: Optional[int] = None,
                        pack: bool = False) -> list[list[int]]:
     """Indices of sequences per micro-batch, longest first: at most `max_sequences` per micro-batch and at

@@ -7,7 +7,7 @@
       of Qwen2.5-Math-1.5B's), random weights: the peak memory of one update micro-batch at the configured
       token budget (GRPO and distillation parts, then the AdamW step, in steady state), with the generation
       engine's share of the GPU reserved; the transformers backend's generation tokens/s; the time to write a
-      checkpoint with the trainer's own `save_checkpoint`.
+      checkpoint with the trainer's own check and writer (`hdpo.checkpoint.save_training_state`).
   (c) a verdict (fits or not, the numbers, the estimated hours for the configured steps), printed as a table
       and written as JSON.
 
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -132,20 +131,20 @@ def measure_update(model, cfg: Config, device: torch.device, budget: Optional[in
     """Peak memory and time of one update micro-batch (GRPO part, distillation part, AdamW step), measured on
     the second of two such updates so that the AdamW states exist (the steady state of a run)."""
     from hdpo.models import autocast, dynamic_shape_attention
-    from hdpo.train import DistillItem, accumulate_gradients
+    from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients
 
     n, plen, rlen = micro_batch_shape(cfg, budget, tiny)
     V, k = model.config.vocab_size, cfg.hdpo.topk_logits_k
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, V, (plen,), generator=g).tolist() for _ in range(n)]
     responses = [torch.randint(0, V, (rlen,), generator=g).tolist() for _ in range(n)]
-    grpo = [(p, r, 1.0 if i % 2 else -1.0) for i, (p, r) in enumerate(zip(prompts, responses))]
+    grpo = [GrpoItem(p, r, 1.0 if i % 2 else -1.0) for i, (p, r) in enumerate(zip(prompts, responses))]
     distill = [DistillItem(p, r, torch.randn(rlen, k, generator=g), torch.randint(0, V, (rlen, k), generator=g))
                for p, r in zip(prompts, responses)]
     o = cfg.optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     amp = lambda: autocast(device, cfg.model.dtype)
-    g_kw = dict(token_budget=budget, pack=cfg.grpo.sequence_packing, chunk=cfg.grpo.logprob_chunk_size)
+    micro = MicroBatching(cfg.grpo.micro_batch_size, budget, cfg.grpo.sequence_packing, cfg.grpo.logprob_chunk_size)
     tokens = n * rlen
     result = {"sequences": n, "prompt_tokens": plen, "response_tokens": rlen, "tokens": n * (plen + rlen)}
     try:
@@ -159,10 +158,8 @@ def measure_update(model, cfg: Config, device: torch.device, budget: Optional[in
                 if update_fn is not None:  # e.g. a baseline implementation (scripts/gpu_check.py)
                     update_fn(model, grpo, distill, amp)
                 else:
-                    accumulate_gradients(model, grpo, [], tokens, tokens, 0.1, cfg.grpo.micro_batch_size, 0, 0.2,
-                                         0.2, amp=amp, **g_kw)
-                    accumulate_gradients(model, [], distill, tokens, tokens, 0.1, cfg.grpo.micro_batch_size, 0,
-                                         0.2, 0.2, amp=amp, **g_kw)
+                    accumulate_gradients(model, grpo, [], (tokens, tokens), Objective(0.1), micro, amp)
+                    accumulate_gradients(model, [], distill, (tokens, tokens), Objective(0.1), micro, amp)
                 opt.step()
                 _sync(device)
                 result["seconds"] = time.perf_counter() - t
@@ -218,23 +215,21 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
 
 
 def measure_checkpoint(model, optimizer, work_dir: Path) -> dict:
-    """Seconds and size of one resumable checkpoint, written by the trainer's own save_checkpoint."""
+    """Seconds and size of one resumable checkpoint, checked and written as the trainer does it
+    (`hdpo.checkpoint.nonfinite_training_state`, then `save_training_state`)."""
+    from hdpo import checkpoint as ckpt
     from hdpo.reward import RewardStats
-    from hdpo.train import Trainer, TrainState
 
-    trainer = Trainer.__new__(Trainer)  # only what save_checkpoint uses
-    trainer.rank, trainer.world, trainer.state = 0, 1, TrainState(step=1)
-    trainer.policy, trainer.optimizer, trainer.work_dir = model, optimizer, work_dir
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    trainer.ckpt_path = work_dir / "checkpoint.pt"
-    trainer.scorer = types.SimpleNamespace(stats=RewardStats())  # the run counters a checkpoint carries
-    trainer._wall_before, trainer._t0 = 0.0, time.time()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = work_dir / "checkpoint.pt"
     work_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    trainer.save_checkpoint()
+    ckpt.nonfinite_training_state(model, optimizer)  # the trainer's check before every write
+    ckpt.save_training_state(path, 1, {}, model, optimizer, scheduler,
+                             {"reward_stats": RewardStats().as_dict(), "wall_s": 0.0})
     seconds = time.perf_counter() - t
-    size = trainer.ckpt_path.stat().st_size
-    trainer.ckpt_path.unlink()
+    size = path.stat().st_size
+    path.unlink()
     return {"seconds": seconds, "gib": size / GIB}
 
 
@@ -301,16 +296,10 @@ def _write_tiny_data(folder: Path) -> Path:
     return folder
 
 
-def _tiny_trainer(cfg: Config, data: Path, root: Path, name: str, kill_after: Optional[int] = None):
+def _tiny_trainer(cfg: Config, data: Path, root: Path, name: str):
     from hdpo.train import Trainer
 
-    class Killed(Trainer):
-        def save_checkpoint(self):
-            super().save_checkpoint()
-            if kill_after is not None and self.state.step == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)  # as a preempted job dies: no cleanup
-
-    return Killed(cfg, data, root / "runs" / name, root / "work" / name, root / "models")
+    return Trainer(cfg, data, root / "runs" / name, root / "work" / name, root / "models")
 
 
 def check_resume(cfg: Config, root: Path, steps: int = 3, kill_after: int = 2) -> dict:
@@ -322,8 +311,10 @@ def check_resume(cfg: Config, root: Path, steps: int = 3, kill_after: int = 2) -
     (root / "tiny.json").write_text(json.dumps(tcfg.to_dict()))
     full = _tiny_trainer(tcfg, data, root, "full")
     full.fit(resume=False)
-    cmd = [sys.executable, "-m", "hdpo.preflight", "--killed-run", str(root), str(kill_after)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # SIGKILLed right after its step-`kill_after` checkpoint, as a preempted job dies (hdpo.faults: no cleanup)
+    cmd = [sys.executable, "-m", "hdpo.preflight", "--killed-run", str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "HDPO_FAULT": f"kill@checkpoint:{kill_after}"})
     killed = proc.returncode == -signal.SIGKILL
     resumed = _tiny_trainer(tcfg, data, root, "cut")
     resumed.fit(resume=True)
@@ -477,8 +468,8 @@ def table(v: dict) -> str:
 
 
 if __name__ == "__main__":  # the killed half of check_resume
-    if len(sys.argv) == 4 and sys.argv[1] == "--killed-run":
-        root, kill_after = Path(sys.argv[2]), int(sys.argv[3])
+    if len(sys.argv) == 3 and sys.argv[1] == "--killed-run":
+        root = Path(sys.argv[2])
         tcfg = from_dict(json.loads((root / "tiny.json").read_text()))
-        _tiny_trainer(tcfg, root / "data", root, "cut", kill_after=kill_after).fit(resume=False)
+        _tiny_trainer(tcfg, root / "data", root, "cut").fit(resume=False)
         sys.exit(0)  # reached only when the kill did not happen

@@ -1,12 +1,12 @@
-"""HDPO training (the paper's Algorithm 1), GRPO when lambda = 0. Read top to bottom:
+"""HDPO training (the paper's Algorithm 1), GRPO when lambda = 0. `Trainer.train_step` runs one step as phases:
 
-  step t:  rollouts (K per prompt, plain prompt) -> math-verify rewards -> leave-one-out advantages
-           -> cliffs (prompts whose K rewards sum to 0, at most `max_cliff_prompts_per_step`)
-           -> privileged rollouts on cliff prompts (problem + ground truth), keep those with reward 1
-           -> teacher top-k log-probs on the privileged context (drifting: current weights; frozen: step 0)
-           -> student forward on the plain context over the same tokens
-           -> L = L_GRPO / N_grpo + lambda * L_JSD / N_distill, both counts summed over ranks and micro-batches
-           -> AdamW step (warm-up, weight decay, grad-norm clip)
+  sample_rollouts     K rollouts per prompt on the plain prompt, math-verify rewards, leave-one-out advantages
+  find_cliffs         prompts whose K rewards sum to 0, at most `max_cliff_prompts_per_step` over all ranks
+  privileged_targets  M privileged rollouts per cliff (problem + ground truth), those with reward 1 kept, and
+                      the teacher's top-k on the privileged context (drifting: current weights; frozen: step 0)
+  update              L = L_GRPO / N_grpo + lambda * L_JSD / N_distill (hdpo/update.py), both counts summed
+                      over ranks and micro-batches; AdamW (warm-up, weight decay, grad-norm clip)
+  record              the cliff ledger's rows and the metrics row (hdpo/step_records.py)
 
 Runs as one process or under torchrun (gradients are summed over ranks, so every rank's loss is already
 divided by the global token count). Checkpoints (model, optimizer, scheduler, RNG, step, best-so-far) are
@@ -14,7 +14,6 @@ written atomically to the work dir, which is not a Snakemake output, and `resume
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +21,6 @@ import math
 import pickle
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,15 +37,16 @@ from hdpo import ledger as cliff_ledger
 from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
-from hdpo.generation import Sampling, Speculation, follow_seed, make_generator, prompt_seeds
+from hdpo.generation import Rollout, Sampling, Speculation, follow_seed, make_generator, prompt_seeds
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
-from hdpo.logprobs import (DEFAULT_CHUNK, chunked_token_logprobs, chunked_topk, chunked_topk_jsd, output_projection,
-                           plan_micro_batches, response_hidden)
-from hdpo.losses import grpo_token_loss_sum, leave_one_out_advantages, sampler_correction_weights
+from hdpo.losses import leave_one_out_advantages
 from hdpo.models import (autocast, default_device, dynamic_shape_attention, eval_mode, load_model, load_tokenizer,
                          resolve_model)
 from hdpo.reward import RewardScorer, RewardStats
+from hdpo.step_records import (Cliffs, GroupScoring, PrivilegedTargets, Rollouts, StepClock, StepTally, Update,
+                               metrics_row)
 from hdpo.tracking import is_terminal, make_tensorboard, step_line
+from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients, teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -92,143 +91,6 @@ def seed_everything(*parts: int) -> None:
     torch.manual_seed(s)
 
 
-# --- forward passes over (prompt, response) pairs ----------------------------------------------------
-
-def response_logits(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Logits that predict each response token, [B, T, V], and the response mask [B, T].
-
-    Prompts are left-padded and responses right-padded, so every response starts at the same column and
-    position t of the result is aligned across two calls with different prompts (student: plain prompt;
-    teacher: privileged prompt). Only the response region's logits are computed (`logits_to_keep`).
-    """
-    device = next(model.parameters()).device
-    B, W, T = len(prompts), max(map(len, prompts)), max(map(len, responses))
-    ids = torch.full((B, W + T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, W + T), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, W - len(p):W] = torch.tensor(p)
-        ids[i, W:W + len(r)] = torch.tensor(r)
-        attn[i, W - len(p):W + len(r)] = 1
-    positions = (attn.cumsum(-1) - 1).clamp_min(0)
-    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=T + 1).logits
-    return logits[:, :-1], attn[:, W:].to(logits.dtype), ids[:, W:]
-
-
-@dataclass
-class DistillItem:
-    """A kept privileged rollout: the student's plain prompt, the tokens, and the teacher's top-k there."""
-    prompt_ids: list[int]
-    response_ids: list[int]
-    topk_logits: torch.Tensor  # [T, k] the teacher's top-k logits (renormalised inside the JSD)
-    topk_ids: torch.Tensor  # [T, k]
-
-
-@torch.no_grad()
-def teacher_topk(teacher, priv_prompts: list[list[int]], responses: list[list[int]], k: int, pad_id: int,
-                 micro: int, token_budget: Optional[int] = None, pack: bool = False, temperature: float = 1.0,
-                 chunk: int = DEFAULT_CHUNK, tails: Optional[list] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The teacher's top-k of logits / temperature at each response token, per rollout ([T, k] values, ids),
-    from its final hidden states in chunks of positions (no [tokens, vocab] tensor for the micro-batch).
-    `tails`, if given, receives per trajectory the probability mass the cut leaves out at each token (for the
-    cliff ledger)."""
-    weight, bias = output_projection(teacher)
-    out: list = [None] * len(responses)
-    tails_by: list = [None] * len(responses)
-    lengths = [len(p) + len(r) for p, r in zip(priv_prompts, responses)]
-    for mb in plan_micro_batches(lengths, micro, token_budget, pack):
-        hidden, _ = response_hidden(teacher, [priv_prompts[i] for i in mb], [responses[i] for i in mb], pad_id, pack)
-        if tails is None:
-            vals, ids = chunked_topk(hidden, weight, bias, k, temperature, chunk)
-        else:
-            vals, ids, tail = chunked_topk(hidden, weight, bias, k, temperature, chunk, with_tail=True)
-            tail = tail.cpu()
-        vals, ids = vals.cpu(), ids.cpu()
-        start = 0
-        for i in mb:
-            n = len(responses[i])
-            out[i] = (vals[start:start + n], ids[start:start + n])
-            if tails is not None:
-                tails_by[i] = tail[start:start + n]
-            start += n
-    if tails is not None:
-        tails.extend(tails_by)
-    return out
-
-
-def accumulate_gradients(model, grpo: list[tuple[list[int], list[int], float]], distill: list[DistillItem],
-                         n_grpo: float, n_distill: float, distill_weight: float, micro: int, pad_id: int,
-                         clip_low: float, clip_high: float, old_logprobs: Optional[list[list[float]]] = None,
-                         sampler_logprobs: Optional[list[list[float]]] = None, amp=contextlib.nullcontext,
-                         token_budget: Optional[int] = None, pack: bool = False, temperature: float = 1.0,
-                         chunk: int = DEFAULT_CHUNK, correction: tuple[str, float] = ("none", 2.0)) -> dict:
-    """Backward of L_GRPO/N_grpo + lambda L_JSD/N_distill for this rank's share, micro-batch by micro-batch.
-
-    `grpo` holds (prompt ids, response ids, advantage) of the rollouts with a non-zero advantage (the others
-    contribute exactly zero loss and gradient, but their tokens count in the global `n_grpo`).
-    `old_logprobs`: pi_old per token; None means on-policy (pi_old = the current weights, detached).
-    `sampler_logprobs`: the generator's log-probs of the same tokens, to measure engine/trainer mismatch and,
-    with `correction` = (grpo.sampler_correction, its cap) not "none", to weight the GRPO term by truncated
-    importance weights (`hdpo.losses.sampler_correction_weights`).
-    Micro-batches: at most `micro` sequences and `token_budget` tokens each, sorted by length, optionally
-    packed (`hdpo.logprobs.plan_micro_batches`); log-probs come from the hidden states `chunk` positions at a
-    time. Returns this rank's loss parts (already divided by the global counts), the mismatch sums and the
-    correction's weight sum, capped count and units (tokens or rollouts).
-    """
-    device = next(model.parameters()).device
-    weight, bias = output_projection(model)
-    parts = {"grpo": 0.0, "jsd": 0.0, "mismatch_sum": 0.0, "mismatch_tokens": 0.0, "is_weight_sum": 0.0,
-             "is_capped": 0.0, "is_units": 0.0}
-    mode, cap = correction
-    if mode != "none" and sampler_logprobs is None:
-        raise ValueError(f"sampler correction {mode!r} needs the sampler's log-probs")
-    for mb in plan_micro_batches([len(c[0]) + len(c[1]) for c in grpo], micro, token_budget, pack):
-        chunk_items = [grpo[i] for i in mb]
-        if not any(c[1] for c in chunk_items):
-            continue  # only empty responses (over-long prompts): nothing to score
-        with amp():  # the forward in mixed precision; the loss math below in float32
-            hidden, ids = response_hidden(model, [c[0] for c in chunk_items], [c[1] for c in chunk_items], pad_id,
-                                          pack)
-            lp = chunked_token_logprobs(hidden, weight, bias, ids[:, None], temperature, chunk).squeeze(-1)
-        if old_logprobs is None:
-            old = lp.detach()
-        else:
-            old = torch.tensor([x for i in mb for x in old_logprobs[i]], dtype=lp.dtype, device=device)
-        weights = None
-        if sampler_logprobs is not None:
-            lengths = [len(c[1]) for c in chunk_items]
-            if [len(sampler_logprobs[i]) for i in mb] != lengths:
-                raise ValueError("the sampler's log-probs do not cover the rollouts' tokens one to one")
-            sampled = torch.tensor([x for i in mb for x in sampler_logprobs[i]], dtype=lp.dtype, device=device)
-            parts["mismatch_sum"] += (lp.detach() - sampled).abs().sum().item()
-            parts["mismatch_tokens"] += sampled.numel()
-            if mode != "none":
-                weights, capped = sampler_correction_weights(old, sampled, lengths, mode, cap)
-                parts["is_weight_sum"] += float(weights.sum())
-                parts["is_capped"] += float(capped.sum())
-                parts["is_units"] += capped.numel()
-        # one advantage per token (the flat layout has no padding, so the mask is all ones)
-        adv = torch.tensor([c[2] for c in chunk_items for _ in c[1]], dtype=lp.dtype, device=device)
-        loss = grpo_token_loss_sum(lp[:, None], old[:, None], adv, torch.ones_like(lp)[:, None], clip_low,
-                                   clip_high, None if weights is None else weights[:, None]) / n_grpo
-        loss.backward()
-        parts["grpo"] += loss.item()
-    for mb in plan_micro_batches([len(d.prompt_ids) + len(d.response_ids) for d in distill], micro, token_budget,
-                                 pack):
-        chunk_items = [distill[i] for i in mb]
-        if not any(c.response_ids for c in chunk_items):
-            continue
-        t_vals = torch.cat([c.topk_logits for c in chunk_items]).to(device)
-        t_ids = torch.cat([c.topk_ids for c in chunk_items]).to(device)
-        with amp():
-            hidden, _ = response_hidden(model, [c.prompt_ids for c in chunk_items],
-                                        [c.response_ids for c in chunk_items], pad_id, pack)
-            jsd = chunked_topk_jsd(hidden, weight, bias, t_ids, t_vals, temperature, chunk).sum() / n_distill
-        (distill_weight * jsd).backward()
-        parts["jsd"] += jsd.item()
-    return parts
-
-
 # --- the trainer -------------------------------------------------------------------------------------
 
 @dataclass
@@ -256,13 +118,11 @@ class Trainer:
         dist.barrier()
         self.model_name = resolve_model(cfg.model, model_cache)
         self.tok = load_tokenizer(self.model_name)
-        self.pad_id = self.tok.pad_token_id
         self.policy = load_model(self.model_name, cfg.model.dtype, self.device, trainable=True,
                                  activation_checkpointing=cfg.model.activation_checkpointing)
         self.amp = lambda: autocast(self.device, cfg.model.dtype)
         # how the update and the teacher forward split their sequences (speed and memory, never the loss)
-        self.micro_kw = dict(token_budget=cfg.grpo.micro_batch_tokens, pack=cfg.grpo.sequence_packing,
-                             chunk=cfg.grpo.logprob_chunk_size)
+        self.micro = MicroBatching.from_config(cfg.grpo, self.tok.pad_token_id)
         self.policy.train()
         self.hdpo_on = cfg.hdpo.distill_weight > 0  # lambda = 0 is GRPO
         # The frozen teacher is the step-0 network, kept apart (re-loaded from the source on resume).
@@ -301,12 +161,12 @@ class Trainer:
                                    retry_timeout_s=cfg.eval.reward_retry_timeout_s)
         self.scorer.start()  # workers warm up while the models load
         self.sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens or cfg.model.max_total_sequence_length)
+        self.objective = Objective.from_config(cfg, self.sampling.temperature)
         self.state = TrainState()
         self.metrics_path = self.work_dir / "metrics.jsonl"
         self.ledger_path = self.work_dir / "cliffs.jsonl"  # the cliff ledger (hdpo/ledger.py)
         self.val_records_path = self.work_dir / "val_problems.jsonl"  # per-problem validation results
         self.ledger: list[dict] = []  # every rank keeps it: expand-then-sharpen reads it to draw batches
-        self._slots: tuple[list[int], list] = ([], [])
         self.tensorboard = None
         self.ckpt_path = self.work_dir / "checkpoint.pt"
         self._t0, self._wall_before, self._ckpt_step, self._lock = time.time(), 0.0, None, None
@@ -315,7 +175,9 @@ class Trainer:
     def _prompt(self, p: Problem, privileged: Optional[str] = None) -> str:
         return render_prompt(self.tok, build_messages(p, self.cfg.data.system_prompt, privileged))
 
-    def _my_problems(self, step: int) -> list[Problem]:
+    def _batch_slots(self, step: int) -> tuple[list[int], list[Optional[int]]]:
+        """This rank's share of the step's prompts (train-set indices) and, for a reinjected former cliff, the
+        step it came from."""
         B = self.cfg.grpo.num_prompts_per_step
         idx = batch_indices(step, B, len(self.train_set), self.cfg.seed)
         origins: list = [None] * len(idx)
@@ -324,199 +186,165 @@ class Trainer:
             cap = self.cfg.hdpo.reinject_max_per_step or max(1, B // 4)
             idx, origins = cliff_ledger.place_reinjections(
                 idx, cliff_ledger.due_reinjections(self.ledger, step + 1, delay, cap))
-        per = B // self.world
-        mine = slice(self.rank * per, (self.rank + 1) * per)
-        self._slots = (idx[mine], origins[mine])
-        return [self.train_set[i] for i in idx[mine]]
+        mine = slice(self.rank * (B // self.world), (self.rank + 1) * (B // self.world))
+        return idx[mine], origins[mine]
 
     # -- one step of Algorithm 1 --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
+        """Rollouts and rewards -> cliffs -> privileged targets on the cliffs -> GRPO + lambda JSD update ->
+        the cliff ledger and the metrics row."""
+        seed_everything(self.cfg.seed, step, self.rank)
+        clock, stats_before = StepClock(), self.scorer.stats.as_dict()
+        batch = self.sample_rollouts(step, clock)
+        cliffs = self.find_cliffs(batch)
+        targets = self.privileged_targets(batch, cliffs, clock)
+        update = self.update(batch, targets, clock)
+        return self.record(step + 1, batch, cliffs, targets, update, clock, stats_before)
+
+    def sample_rollouts(self, step: int, clock: StepClock) -> Rollouts:
+        """Steps 1-2: K rollouts per prompt on the plain prompt, math-verify rewards, leave-one-out advantages.
+        With self.overlap one decode loop also runs the cliffs' privileged rollouts, each starting as soon as its
+        prompt's K rollouts are scored (or at once with hdpo.privileged_start=speculative): the same samples as
+        the two phases one after the other (Generator.generate_then)."""
         cfg, h, K = self.cfg, self.cfg.hdpo, self.cfg.grpo.num_generations_per_prompt
-        seed_everything(cfg.seed, step, self.rank)
-        times, t = {}, time.time()
-        problems = self._my_problems(step)
-
-        # 1. rollouts on the plain prompt; 2. rewards; 5. privileged rollouts on cliffs. With self.overlap, one
-        # decode loop runs both: a cliff's privileged rollouts start as soon as its K rollouts are scored, beside
-        # the rollouts still running (same samples as the two phases one after the other:
-        # Generator.generate_then); with hdpo.privileged_start=speculative every prompt's start at once and stop
-        # at its first correct rollout.
-        answers = [p.answer for p in problems]
-        stats_before = self.scorer.stats.as_dict()
-        group_rewards: dict[int, list[float]] = {}
-        scoring = [0.0]  # seconds inside the loop spent scoring (the GPU waits): reported as the reward phase
-
-        speculate, scores = None, {}
-        if self.overlap and h.privileged_start == "speculative":
-            def ruled_out(done: list) -> set[int]:
-                """Score rollouts as they finish; rewards are >= 0, so a partial sum above the threshold is final."""
-                t0 = time.time()
-                got = self.scorer.score([r.text for _, _, r in done], [answers[i] for i, _, _ in done])
-                scoring[0] += time.time() - t0
-                for (i, j, _), reward in zip(done, got):
-                    scores.setdefault(i, {})[j] = reward
-                return {i for i, _, _ in done if sum(scores[i].values()) > h.cliff_reward_sum}
-
-            speculate = Speculation({i: self._prompt(p, h.privileged_info) for i, p in enumerate(problems)},
-                                    ruled_out)
-
-        def cliff_then(i: int, group: list) -> Optional[str]:
-            t0 = time.time()
-            group_rewards[i] = ([scores[i][j] for j in range(K)] if speculate is not None
-                                else self.scorer.score([r.text for r in group], [answers[i]] * K))
-            scoring[0] += time.time() - t0
-            return self._prompt(problems[i], h.privileged_info) if self.overlap and (
-                sum(group_rewards[i]) <= h.cliff_reward_sum) else None
-
-        M = cfg.privileged_rollouts
+        indices, origins = self._batch_slots(step)
+        problems = [self.train_set[i] for i in indices]
+        privileged = [self._prompt(p, h.privileged_info) for p in problems] if self.overlap else None
+        speculative = self.overlap and h.privileged_start == "speculative"
+        scoring = GroupScoring(self.scorer, [p.answer for p in problems], K, h.cliff_reward_sum, privileged,
+                               speculative)
+        speculate = Speculation(dict(enumerate(privileged)), scoring.ruled_out) if speculative else None
         seeds = prompt_seeds(None, len(problems))  # from torch's RNG, seeded per (seed, step, rank)
         with self.amp():
             groups, early = self.generator.generate_then([self._prompt(p) for p in problems], K, self.sampling,
-                                                         cliff_then, M, seeds, speculate)
-        faults.hit("rollout")
-        times["rollout"], t = time.time() - t - scoring[0], time.time() - scoring[0]
-        # 2. rewards and leave-one-out advantages
-        flat = [r for g in groups for r in g]
-        rewards = torch.tensor([group_rewards[i] for i in range(len(problems))], dtype=torch.float32)
+                                                         scoring.then, cfg.privileged_rollouts, seeds, speculate)
+        clock.end("rollout", excluding=scoring.seconds)  # the scoring inside the loop counts as the reward phase
+        rewards = torch.tensor([scoring.rewards[i] for i in range(len(problems))], dtype=torch.float32)
         adv = leave_one_out_advantages(rewards, cfg.grpo.normalize_rewards, cfg.grpo.use_leave_one_out_baseline,
                                        std=cfg.grpo.advantage_std)
-        times["reward"], t = time.time() - t, time.time()
-
-        # 4. cliffs, capped globally per step
-        n_cliffs_all = dist.gather(int((rewards.sum(-1) <= h.cliff_reward_sum).sum()))
-        cliffs = select_cliffs(rewards, h.cliff_reward_sum, h.max_cliff_prompts_per_step, sum(n_cliffs_all[:self.rank]))
-        # 5-6. privileged rollouts, R=1 filter, teacher top-k on the privileged context
-        distill, generated, kept = [], 0, 0
-        gen_per, kept_per, tail_per = {}, {}, {}  # per position in this rank's batch, for the cliff ledger
-        n_grpo_local = sum(len(r.response_ids) for r in flat)  # GRPO's token normaliser (this rank's share)
+        clock.end("reward")
         dropped = (speculate.dropped_rows, speculate.dropped_tokens) if speculate is not None else (0, 0)
-        gen_tokens = n_grpo_local + dropped[1]  # every decoded token counts, speculative ones dropped too
-        if self.hdpo_on and cliffs:
-            cliff_problems = [problems[i] for i in cliffs]
-            if self.overlap:
-                assert sorted(early) == cliffs, (sorted(early), cliffs)
-                priv = [early[i] for i in cliffs]
-            else:
-                priv_prompts = [self._prompt(p, h.privileged_info) for p in cliff_problems]
-                with self.amp():
-                    priv = self.priv_generator.generate(priv_prompts, M, self.sampling,
-                                                        [follow_seed(seeds[i]) for i in cliffs])
-            # generation and math-verify apart: LaTeX-heavy privileged answers can make scoring the slow part
-            times["privileged"], t = time.time() - t, time.time()
-            pflat = [r for g in priv for r in g]
-            prew = self.scorer.score([r.text for r in pflat], [p.answer for p in cliff_problems for _ in range(M)])
-            generated = len(pflat)
-            gen_tokens += sum(len(r.response_ids) for r in pflat)
-            keep = [(ci, r) for ci, g in enumerate(priv) for r in g]
-            keep = [(ci, r) for (ci, r), rw in zip(keep, prew) if rw >= h.teacher_min_reward]
-            kept = len(keep)
-            gen_per = {cliffs[ci]: M for ci in range(len(cliff_problems))}
-            for ci, _ in keep:
-                kept_per[cliffs[ci]] = kept_per.get(cliffs[ci], 0) + 1
-            times["privileged_reward"], t = time.time() - t, time.time()
-            if keep:
-                plain_ids = {ci: self.tok(self._prompt(cliff_problems[ci]), add_special_tokens=False).input_ids
-                             for ci, _ in keep}
-                teacher = self.policy if self.frozen is None else self.frozen
-                tails: list = []
-                with self.amp(), eval_mode(teacher):
-                    tk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
-                                      h.topk_logits_k, self.pad_id, cfg.grpo.micro_batch_size, **self.micro_kw,
-                                      temperature=self.sampling.temperature, tails=tails)
-                by_prompt: dict = {}
-                for (ci, _), tail in zip(keep, tails):
-                    by_prompt.setdefault(cliffs[ci], []).append(tail)
-                tail_per = {j: cliff_ledger.tail_summary(torch.cat(ts).tolist()) for j, ts in by_prompt.items()}
-                distill = [DistillItem(plain_ids[ci], r.response_ids, v, i) for (ci, r), (v, i) in zip(keep, tk)]
-            times["teacher"], t = time.time() - t, time.time()
+        return Rollouts(problems, indices, origins, groups, rewards, adv, seeds, early, dropped)
 
-        # 3 + 6 + 7. the update: both token counts summed over ranks (and micro-batches)
-        n_distill_local = sum(len(d.response_ids) for d in distill)
-        n_grpo, n_distill = dist.sum_all([n_grpo_local, n_distill_local])
-        active = [(r, float(a)) for r, a in zip(flat, adv.flatten().tolist()) if a != 0.0]
-        grpo_items = [(r.prompt_ids, r.response_ids, a) for r, a in active]
+    def find_cliffs(self, batch: Rollouts) -> Cliffs:
+        """Step 4: prompts whose K rewards sum to at most hdpo.cliff_reward_sum, capped globally per step."""
+        h = self.cfg.hdpo
+        found = dist.gather(int((batch.rewards.sum(-1) <= h.cliff_reward_sum).sum()))
+        return Cliffs(found[self.rank], select_cliffs(batch.rewards, h.cliff_reward_sum, h.max_cliff_prompts_per_step,
+                                                      sum(found[:self.rank])))
+
+    def privileged_targets(self, batch: Rollouts, cliffs: Cliffs, clock: StepClock) -> PrivilegedTargets:
+        """Steps 5-6: M privileged rollouts per cliff (problem + its answer), those with reward >= the filter kept,
+        and the teacher's top-k over their tokens on the privileged context (drifting: the current weights;
+        frozen: step 0's)."""
+        out = PrivilegedTargets()
+        if not (self.hdpo_on and cliffs.selected):
+            return out
+        h, M = self.cfg.hdpo, self.cfg.privileged_rollouts
+        problems = [batch.problems[i] for i in cliffs.selected]
+        if self.overlap:
+            assert sorted(batch.privileged) == cliffs.selected, (sorted(batch.privileged), cliffs.selected)
+            groups = [batch.privileged[i] for i in cliffs.selected]
+        else:
+            with self.amp():
+                groups = self.priv_generator.generate([self._prompt(p, h.privileged_info) for p in problems], M,
+                                                      self.sampling, [follow_seed(batch.seeds[i]) for i in cliffs.selected])
+        clock.end("privileged")  # generation and math-verify apart: LaTeX-heavy answers can make scoring the slow part
+        rollouts = [(c, r) for c, g in zip(cliffs.selected, groups) for r in g]
+        rewards = self.scorer.score([r.text for _, r in rollouts], [p.answer for p in problems for _ in range(M)])
+        keep = [(c, r) for (c, r), reward in zip(rollouts, rewards) if reward >= h.teacher_min_reward]
+        out.tokens = sum(len(r.response_ids) for _, r in rollouts)
+        out.generated = dict.fromkeys(cliffs.selected, M)
+        for c, _ in keep:
+            out.kept[c] = out.kept.get(c, 0) + 1
+        clock.end("privileged_reward")
+        if keep:
+            out.distill, out.tails = self._teacher_targets(batch, keep)
+        clock.end("teacher")
+        return out
+
+    def _teacher_targets(self, batch: Rollouts, keep: list[tuple[int, Rollout]]):
+        """DistillItems (the student's plain prompt, the tokens, the teacher's top-k) and the teacher's tail mass
+        per cliff."""
+        h = self.cfg.hdpo
+        plain = {c: self.tok(self._prompt(batch.problems[c]), add_special_tokens=False).input_ids for c, _ in keep}
+        teacher = self.policy if self.frozen is None else self.frozen
+        tails: list = []
+        with self.amp(), eval_mode(teacher):
+            topk = teacher_topk(teacher, [r.prompt_ids for _, r in keep], [r.response_ids for _, r in keep],
+                                h.topk_logits_k, self.micro, self.sampling.temperature, tails=tails)
+        by_prompt: dict = {}
+        for (c, _), tail in zip(keep, tails):
+            by_prompt.setdefault(c, []).append(tail)
+        tail_mass = {c: cliff_ledger.tail_summary(torch.cat(ts).tolist()) for c, ts in by_prompt.items()}
+        return [DistillItem(plain[c], r.response_ids, vals, ids) for (c, r), (vals, ids) in zip(keep, topk)], tail_mass
+
+    def update(self, batch: Rollouts, targets: PrivilegedTargets, clock: StepClock) -> Update:
+        """Steps 3, 6, 7: the backward of L_GRPO / N_grpo + lambda L_JSD / N_distill (both counts summed over
+        ranks), gradients summed over ranks and clipped, then AdamW; a non-finite loss or gradient norm skips the
+        step or stops the run before the weights are touched (optimizer.on_nonfinite)."""
+        n_grpo, n_distill = dist.sum_all([sum(len(r.response_ids) for r in batch.flat),
+                                          sum(len(d.response_ids) for d in targets.distill)])
+        grpo = [GrpoItem(r.prompt_ids, r.response_ids, a, r.logprobs)
+                for r, a in zip(batch.flat, batch.advantages.flatten().tolist()) if a != 0.0]
         # Zero tensors, not None: every rank all-reduces the same tensors (a rank may have nothing to backward),
         # and a step with no signal is the same optimizer step on 1 or N ranks.
         for p in self.policy.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
-        parts = accumulate_gradients(self.policy, grpo_items, distill, max(n_grpo, 1.0), max(n_distill, 1.0),
-                                     h.distill_weight, cfg.grpo.micro_batch_size, self.pad_id,
-                                     cfg.grpo.ratio_clip_min, cfg.grpo.ratio_clip_max,
-                                     sampler_logprobs=[r.logprobs for r, _ in active], amp=self.amp, **self.micro_kw,
-                                     temperature=self.sampling.temperature,
-                                     correction=(cfg.grpo.sampler_correction, cfg.grpo.sampler_correction_cap))
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+        parts = accumulate_gradients(self.policy, grpo, targets.distill, (max(n_grpo, 1.0), max(n_distill, 1.0)),
+                                     self.objective, self.micro, self.amp)
         dist.sum_gradients([p for p in self.policy.parameters() if p.requires_grad])
-        loss_grpo, loss_jsd = dist.sum_all([parts["grpo"], parts["jsd"]])
-        loss = loss_grpo + h.distill_weight * loss_jsd
-        if faults.hit("grad") == "inf":  # test-only: a gradient that overflows while the loss stays finite
-            next(self.policy.parameters()).grad.view(-1)[0] = math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optimizer.max_grad_norm))
-        # Checked before the optimizer: one inf/NaN would poison the weights and AdamW's moments for good.
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
-            what = (f"non-finite loss {loss} (grpo {loss_grpo}, jsd {loss_jsd})" if not math.isfinite(loss)
-                    else f"non-finite gradient norm {grad_norm} (loss {loss})")
-            if cfg.optimizer.on_nonfinite != "skip":
-                raise NonFiniteLoss(f"step {step + 1}: {what}: stopped before the optimizer step; "
-                                    f"{self._last_good()}; optimizer.on_nonfinite=skip skips such steps")
-            log.warning("step %d: %s: step skipped (no update)", step + 1, what)
+        loss_grpo, loss_jsd = dist.sum_all([parts.grpo, parts.jsd])
+        loss = loss_grpo + self.objective.distill_weight * loss_jsd
+        faults.at_gradients(self.policy.parameters())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optimizer.max_grad_norm))
+        skipped = self._skip_nonfinite(loss, loss_grpo, loss_jsd, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         if not skipped:
             self.optimizer.step()
         self.scheduler.step()  # the schedule follows the step number, skipped or not
         if not skipped:
             self.generator.update_weights(self.policy)
-        times["update"] = time.time() - t
-        times["step"] = sum(times.values())
+        clock.end("update")
+        return Update(loss, loss_grpo, loss_jsd, grad_norm, lr, skipped, n_grpo, n_distill, parts)
 
-        # the cliff ledger: one row per prompt of the step, from every rank
-        ledger_rows = cliff_ledger.step_rows(step + 1, self._slots[0], [p.id for p in problems], rewards.tolist(),
-                                             h.cliff_reward_sum, cliffs, gen_per, kept_per, self._slots[1], tail_per)
-        ledger_rows = [r for part in dist.gather(ledger_rows) for r in part]
-        self.ledger.extend(ledger_rows)
+    def _skip_nonfinite(self, loss: float, loss_grpo: float, loss_jsd: float, grad_norm: float) -> bool:
+        """Checked before the optimizer: one inf/NaN would poison the weights and AdamW's moments for good."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return False
+        what = (f"non-finite loss {loss} (grpo {loss_grpo}, jsd {loss_jsd})" if not math.isfinite(loss)
+                else f"non-finite gradient norm {grad_norm} (loss {loss})")
+        if self.cfg.optimizer.on_nonfinite != "skip":
+            raise NonFiniteLoss(f"step {self.state.step + 1}: {what}: stopped before the optimizer step; "
+                                f"{self._last_good()}; optimizer.on_nonfinite=skip skips such steps")
+        log.warning("step %d: %s: step skipped (no update)", self.state.step + 1, what)
+        return True
+
+    def record(self, step: int, batch: Rollouts, cliffs: Cliffs, targets: PrivilegedTargets, update: Update,
+               clock: StepClock, stats_before: dict) -> dict:
+        """The cliff ledger's rows for the step's prompts (every rank's) and the metrics row."""
+        rows = cliff_ledger.step_rows(step, batch.indices, [p.id for p in batch.problems], batch.rewards.tolist(),
+                                      self.cfg.hdpo.cliff_reward_sum, cliffs.selected, targets.generated,
+                                      targets.kept, batch.reinjected_from, targets.tails)
+        rows = [r for part in dist.gather(rows) for r in part]
+        self.ledger.extend(rows)
         if self.rank == 0:
-            _append_rows(self.ledger_path, ledger_rows)
-
-        # metrics, summed or averaged over ranks
-        stats_after = self.scorer.stats.as_dict()
-        local = [float(rewards.sum()), float(rewards.numel()), len(problems),
-                 float(n_cliffs_all[self.rank]), len(cliffs), generated, kept,
-                 gen_tokens,
-                 stats_after["parse_failures"] - stats_before["parse_failures"],
-                 stats_after["timeouts"] - stats_before["timeouts"],
-                 stats_after["timeouts_retried"] - stats_before["timeouts_retried"],
-                 parts["mismatch_sum"], parts["mismatch_tokens"], *dropped,
-                 parts["is_weight_sum"], parts["is_capped"], parts["is_units"]]
-        (rsum, rnum, nprob, ncliff, nsel, gen_all, kept_all, gen_tokens, pf, to, retried, mm_sum,
-         mm_tok, drop_rows, drop_tokens, is_wsum, is_capped, is_units) = dist.sum_all(local)
-        return {
-            "kind": "train", "step": step + 1,
-            "loss/total": loss, "loss/grpo": loss_grpo, "loss/jsd": loss_jsd,
-            "reward/mean": rsum / rnum, "cliffs": int(ncliff), "cliffs/distilled": int(nsel),
-            "cliff_fraction": ncliff / nprob,
-            "cliffs/reinjected": sum(r["reinjected_from"] is not None for r in ledger_rows),
-            "privileged/generated": int(gen_all), "privileged/kept": int(kept_all),
-            "teacher_pass_rate": kept_all / gen_all if gen_all else None,
-            "tokens/grpo": int(n_grpo), "tokens/distill": int(n_distill), "tokens/generated": int(gen_tokens),
-            "tokens/privileged": int(gen_tokens - n_grpo),  # the privileged phase's share (per-phase speed)
-            # hdpo.privileged_start=speculative: privileged rollouts started ahead and dropped (no cliff), and
-            # their tokens (inside tokens/privileged and tokens/generated)
-            "privileged/dropped": int(drop_rows), "tokens/dropped": int(drop_tokens),
-            "reward/parse_failures": int(pf), "reward/timeouts": int(to),
-            "reward/timeouts_retried": int(retried),  # re-scored with eval.reward_retry_timeout_s
-            "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-            "nonfinite_skipped": int(skipped),
-            # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)
-            "logprob/sampler_vs_trainer_abs_diff": mm_sum / mm_tok if mm_tok else None,
-            # grpo.sampler_correction: the mean truncated importance weight (per token: over tokens; per sequence:
-            # over the tokens, each weighted by its rollout's) and the fraction of tokens/rollouts the cap cut
-            "sampler_correction/mean_weight": is_wsum / mm_tok if is_units and mm_tok else None,
-            "sampler_correction/capped_fraction": is_capped / is_units if is_units else None,
-            **_mean_times(times),
-        }
+            _append_rows(self.ledger_path, rows)
+        stats, parts = self.scorer.stats.as_dict(), update.parts
+        tally = StepTally(
+            reward_sum=float(batch.rewards.sum()), rewards=float(batch.rewards.numel()), prompts=len(batch.problems),
+            cliffs=float(cliffs.found), cliffs_distilled=len(cliffs.selected),
+            privileged_generated=sum(targets.generated.values()), privileged_kept=sum(targets.kept.values()),
+            # every decoded token counts, speculative ones dropped too
+            tokens_generated=sum(len(r.response_ids) for r in batch.flat) + batch.dropped[1] + targets.tokens,
+            parse_failures=stats["parse_failures"] - stats_before["parse_failures"],
+            timeouts=stats["timeouts"] - stats_before["timeouts"],
+            timeouts_retried=stats["timeouts_retried"] - stats_before["timeouts_retried"],
+            mismatch_sum=parts.mismatch_sum, mismatch_tokens=parts.mismatch_tokens,
+            dropped_rows=batch.dropped[0], dropped_tokens=batch.dropped[1],
+            is_weight_sum=parts.is_weight_sum, is_capped=parts.is_capped, is_units=parts.is_units,
+            seconds={**clock.seconds, "step": sum(clock.seconds.values())})
+        return metrics_row(step, tally.summed(), update, sum(r["reinjected_from"] is not None for r in rows))
 
     # -- validation ---------------------------------------------------------------------------------
     def validate(self, step: int) -> dict:
@@ -592,17 +420,13 @@ class Trainer:
         poison. Returns the bytes written (0 on ranks > 0)."""
         if self.rank != 0:
             return 0
-        bad = ckpt.nonfinite_names(self.policy.named_parameters())
-        bad += [f"optimizer state {k}" for st in self.optimizer.state.values() for k, v in st.items()
-                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = ckpt.nonfinite_training_state(self.policy, self.optimizer)
         if bad:
             raise NonFiniteLoss(f"step {self.state.step}: refusing to checkpoint a non-finite state "
                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); {self._last_good()}")
-        blob = {"step": self.state.step, "best": self.state.best,
-                "model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
-                "counters": {"reward_stats": self.scorer.stats.as_dict(), "wall_s": self._wall_s()}}
-        nbytes = ckpt.save(blob, self.ckpt_path)
+        nbytes = ckpt.save_training_state(self.ckpt_path, self.state.step, self.state.best, self.policy,
+                                          self.optimizer, self.scheduler,
+                                          {"reward_stats": self.scorer.stats.as_dict(), "wall_s": self._wall_s()})
         self._ckpt_step = self.state.step
         log.info("checkpoint at step %d -> %s (%d bytes)", self.state.step, self.ckpt_path, nbytes)
         faults.hit("checkpoint")
@@ -781,12 +605,6 @@ def _trim_rows(path: Path, step: int) -> None:
     rows = [r for r in read_jsonl(path, drop_torn_tail=True) if r["step"] <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _mean_times(times: dict) -> dict:
-    names = ["rollout", "reward", "privileged", "privileged_reward", "teacher", "update", "step"]
-    means = dist.sum_all([times.get(n, 0.0) for n in names])
-    return {f"time/{n}": round(v / dist.world(), 3) for n, v in zip(names, means)}
 
 
 def train(cfg: Config, data_dir, run_dir, work_dir, model_cache, resume: bool = True) -> dict:

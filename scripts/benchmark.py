@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from hdpo.losses import grpo_token_loss_sum, token_logprobs, topk_jsd
-from hdpo.train import response_logits
+from hdpo.logprobs import response_logits
 
 
 def full_jsd(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -232,7 +232,7 @@ def _small_model(vocab, hidden, layers, device):
 def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, resp_len: int, k: int) -> dict:
     """Extra peak memory of one case (bytes above what was allocated when it started)."""
     from hdpo.logprobs import chunked_token_logprobs, chunked_topk_jsd, output_projection, response_hidden
-    from hdpo.train import DistillItem, accumulate_gradients
+    from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
@@ -258,7 +258,7 @@ def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, re
     model = _small_model(vocab, 64, 2, device)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(seqs)]
     responses = [torch.randint(0, vocab, (resp_len,), generator=g).tolist() for _ in range(seqs)]
-    grpo = [(p, r, 1.0 if i % 2 else -1.0) for i, (p, r) in enumerate(zip(prompts, responses))]
+    grpo = [GrpoItem(p, r, 1.0 if i % 2 else -1.0) for i, (p, r) in enumerate(zip(prompts, responses))]
     distill = [DistillItem(p, r, torch.randn(len(r), k, generator=g), torch.randint(0, vocab, (len(r), k), generator=g))
                for p, r in zip(prompts, responses)]
     for p in model.parameters():
@@ -271,8 +271,8 @@ def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, re
         else:
             baseline_distill_microbatch(model, distill, N, amp)
     else:
-        accumulate_gradients(model, grpo if case == "grpo" else [], distill if case == "distill" else [], N, N,
-                             0.1, seqs, 0, 0.2, 0.2, amp=amp)
+        accumulate_gradients(model, grpo if case == "grpo" else [], distill if case == "distill" else [], (N, N),
+                             Objective(0.1), MicroBatching(seqs), amp)
     return {"extra_bytes": _peak_bytes(device) - base, "seconds": time.perf_counter() - t}
 
 

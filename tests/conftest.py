@@ -89,7 +89,7 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from hdpo.config import SYSTEM_PROMPT
     from hdpo.data import build_messages, render_prompt
     from hdpo.losses import token_logprobs
-    from hdpo.train import response_logits
+    from hdpo.logprobs import response_logits
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

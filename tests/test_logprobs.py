@@ -147,12 +147,12 @@ def test_plans_cover_each_sequence_once_under_the_budget(pack):
 
 def test_activation_checkpointing_keeps_losses_and_gradients():
     from hdpo.models import enable_activation_checkpointing
-    from hdpo.train import DistillItem, accumulate_gradients
+    from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients
 
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (6, 3, 9)]
     responses = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (5, 7, 2)]
-    grpo = [(p, r, a) for p, r, a in zip(prompts, responses, (1.0, -0.5, 2.0))]
+    grpo = [GrpoItem(p, r, a) for p, r, a in zip(prompts, responses, (1.0, -0.5, 2.0))]
     distill = [DistillItem(p, r, torch.randn(len(r), 4, generator=g), torch.randint(0, 300, (len(r), 4), generator=g))
                for p, r in zip(prompts, responses)]
     results = []
@@ -161,9 +161,10 @@ def test_activation_checkpointing_keeps_losses_and_gradients():
         if ckpt:
             enable_activation_checkpointing(model)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-        parts = accumulate_gradients(model, grpo, distill, 14.0, 14.0, 0.3, 2, 0, 0.2, 0.2, temperature=0.8)
+        parts = accumulate_gradients(model, grpo, distill, (14.0, 14.0), Objective(0.3, temperature=0.8),
+                                     MicroBatching(2))
         results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (p0, g0), (p1, g1) = results
-    assert p1["grpo"] == pytest.approx(p0["grpo"], rel=1e-6) and p1["jsd"] == pytest.approx(p0["jsd"], rel=1e-6)
+    assert p1.grpo == pytest.approx(p0.grpo, rel=1e-6) and p1.jsd == pytest.approx(p0.jsd, rel=1e-6)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ from hdpo.data import build_messages, render_prompt
 from hdpo.decode import draw, seed_keys, uniforms
 from hdpo.generation import Sampling, TransformersGenerator, problem_seed, sample_seeds, stream_seed
 from hdpo.generation_vllm import build_engine_kwargs, sampling_kwargs
-from hdpo.train import accumulate_gradients, teacher_topk
+from hdpo.update import GrpoItem, MicroBatching, Objective, accumulate_gradients, teacher_topk
 
 # A checkpoint whose generation config would change every step of sampling if it were inherited.
 DIRTY_GENERATION_CONFIG = {"do_sample": True, "temperature": 0.3, "top_k": 3, "top_p": 0.5, "repetition_penalty": 1.3,
@@ -81,11 +81,11 @@ def prompts(tok, count: int = 3) -> list[str]:
 def trainer_mismatch(model, rollouts, temperature: float) -> float:
     """Mean |sampler log-prob - trainer log-prob| over the rollouts' tokens, measured by the trainer's own
     `accumulate_gradients` (its forward, its temperature) on the sampled tokens."""
-    items = [(r.prompt_ids, r.response_ids, 1.0) for r in rollouts]
-    parts = accumulate_gradients(model, items, [], 1.0, 1.0, 0.0, 4, 0, 0.2, 0.2,
-                                 sampler_logprobs=[r.logprobs for r in rollouts], temperature=temperature)
+    items = [GrpoItem(r.prompt_ids, r.response_ids, 1.0, r.logprobs) for r in rollouts]
+    parts = accumulate_gradients(model, items, [], (1.0, 1.0), Objective(0.0, temperature=temperature),
+                                 MicroBatching(4))
     model.zero_grad(set_to_none=True)
-    return parts["mismatch_sum"] / parts["mismatch_tokens"]
+    return parts.mismatch_sum / parts.mismatch_tokens
 
 
 def ids_of(groups) -> list[list[list[int]]]:
@@ -176,12 +176,12 @@ def test_sampler_logprobs_equal_the_trainers_at_temperature(random_model_dir, te
 
 
 def test_teacher_topk_is_at_the_temperature(random_model_dir):
-    from hdpo.train import response_logits
+    from hdpo.logprobs import response_logits
 
     model, tok = load(random_model_dir)
     p = [tok(prompts(tok, 1)[0], add_special_tokens=False).input_ids]
     r = [[5, 6, 7, 8]]
-    (vals, ids), = teacher_topk(model, p, r, 4, tok.pad_token_id, 2, temperature=0.7)
+    (vals, ids), = teacher_topk(model, p, r, 4, MicroBatching(2, pad_id=tok.pad_token_id), temperature=0.7)
     logits, _, _ = response_logits(model, p, r, tok.pad_token_id)
     ref_vals, ref_ids = (logits[0].float() / 0.7).topk(4, dim=-1)
     assert torch.equal(ids, ref_ids) and torch.allclose(vals, ref_vals)

@@ -15,8 +15,10 @@ from conftest import tiny_config, tiny_problems
 from hdpo import distributed as hdist
 from hdpo.config import SYSTEM_PROMPT
 from hdpo.data import build_messages, render_prompt
-from hdpo.train import (DistillItem, Trainer, accumulate_gradients, batch_indices, response_logits, select_cliffs,
-                        teacher_topk, warmup_factor)
+from hdpo.logprobs import response_logits
+from hdpo.train import Trainer, batch_indices, select_cliffs, warmup_factor
+from hdpo.update import (DistillItem, GrpoItem, MicroBatching, Objective, UpdateParts, accumulate_gradients,
+                         teacher_topk)
 
 
 # --- pure pieces --------------------------------------------------------------------------------------
@@ -69,8 +71,13 @@ def _items(tok, n=6):
 def _distill_items(model, tok, items, k=8):
     """Teacher = the same model on a longer (privileged-like) prompt over the same responses."""
     priv = [p + tok(" with a hint", add_special_tokens=False).input_ids for p, _, _ in items]
-    tk = teacher_topk(model, priv, [r for _, r, _ in items], k, tok.pad_token_id, micro=2)
+    tk = teacher_topk(model, priv, [r for _, r, _ in items], k, MicroBatching(2, pad_id=tok.pad_token_id))
     return [DistillItem(p, r, v, i) for (p, r, _), (v, i) in zip(items, tk)]
+
+
+def _grpo(items, sampled=None):
+    """(prompt, response, advantage) triples, with the sampler's log-probs if given, as the update takes them."""
+    return [GrpoItem(p, r, a, None if sampled is None else sampled[i]) for i, (p, r, a) in enumerate(items)]
 
 
 def _grads(model):
@@ -92,7 +99,7 @@ def _accumulate(model, grpo, distill, micro, n_grpo=None, n_distill=None):
     model.zero_grad(set_to_none=True)
     n_grpo = n_grpo or sum(len(r) for _, r, _ in grpo)
     n_distill = n_distill or sum(len(d.response_ids) for d in distill)
-    parts = accumulate_gradients(model, grpo, distill, n_grpo, n_distill, 0.5, micro, 0, 0.2, 0.2)
+    parts = accumulate_gradients(model, _grpo(grpo), distill, (n_grpo, n_distill), Objective(0.5), MicroBatching(micro))
     return parts, _grads(model)
 
 
@@ -101,11 +108,11 @@ def test_gradients_invariant_to_micro_batches(tiny_model_dir):
     items = _items(tok)
     distill = _distill_items(model, tok, items)
     ref_parts, ref = _accumulate(model, items, distill, micro=len(items))
-    assert ref_parts["jsd"] > 0 and math.isfinite(ref_parts["grpo"])
+    assert ref_parts.jsd > 0 and math.isfinite(ref_parts.grpo)
     for micro in (1, 4):
         parts, grads = _accumulate(model, items, distill, micro=micro)
-        assert parts["grpo"] == pytest.approx(ref_parts["grpo"], rel=1e-9, abs=1e-12)
-        assert parts["jsd"] == pytest.approx(ref_parts["jsd"], rel=1e-9)
+        assert parts.grpo == pytest.approx(ref_parts.grpo, rel=1e-9, abs=1e-12)
+        assert parts.jsd == pytest.approx(ref_parts.jsd, rel=1e-9)
         for name in ref:
             torch.testing.assert_close(grads[name], ref[name], **F64)
 
@@ -140,9 +147,9 @@ def test_sampler_correction_weights_the_grpo_term_in_any_micro_batching(tiny_mod
     assert 0 < (w[mask > 0] >= cap).sum() < mask.sum()  # some weights capped, some not
     for micro in (1, len(items)):
         model.zero_grad(set_to_none=True)
-        parts = accumulate_gradients(model, items, [], n, 1.0, 0.0, micro, 0, 0.2, 0.2, sampler_logprobs=sampled,
-                                     correction=(mode, cap))
-        assert parts["is_units"] == (n if mode == "token" else len(items))
+        parts = accumulate_gradients(model, _grpo(items, sampled), [], (n, 1.0),
+                                     Objective(0.0, correction=mode, correction_cap=cap), MicroBatching(micro))
+        assert parts.is_units == (n if mode == "token" else len(items))
         for name, grad in _grads(model).items():
             torch.testing.assert_close(grad, ref[name], **F64)
 
@@ -165,7 +172,7 @@ def _accumulate_full_logits(model, grpo, distill, weight=0.5, temperature=1.0):
         t_vals[j, :len(d.response_ids)], t_ids[j, :len(d.response_ids)] = d.topk_logits, d.topk_ids
     jsd = (topk_jsd(t_vals, token_logprobs(logits / temperature, t_ids)) * mask).sum() / n_distill
     (loss + weight * jsd).backward()
-    return {"grpo": loss.item(), "jsd": jsd.item()}, _grads(model)
+    return UpdateParts(grpo=loss.item(), jsd=jsd.item()), _grads(model)
 
 
 @pytest.mark.parametrize("budget,pack", [(None, False), (40, False), (40, True), (1, True), (10**6, True)])
@@ -176,10 +183,10 @@ def test_token_budget_and_packing_equal_the_unsplit_full_logits_batch(tiny_model
     ref_parts, ref = _accumulate_full_logits(model, items, distill)
     model.zero_grad(set_to_none=True)
     n_grpo, n_distill = sum(len(r) for _, r, _ in items), sum(len(d.response_ids) for d in distill)
-    parts = accumulate_gradients(model, items, distill, n_grpo, n_distill, 0.5, len(items), 0, 0.2, 0.2,
-                                 token_budget=budget, pack=pack, chunk=5)
-    assert parts["grpo"] == pytest.approx(ref_parts["grpo"], rel=1e-9, abs=1e-12)
-    assert parts["jsd"] == pytest.approx(ref_parts["jsd"], rel=1e-9)
+    parts = accumulate_gradients(model, _grpo(items), distill, (n_grpo, n_distill), Objective(0.5),
+                                 MicroBatching(len(items), budget, pack, chunk=5))
+    assert parts.grpo == pytest.approx(ref_parts.grpo, rel=1e-9, abs=1e-12)
+    assert parts.jsd == pytest.approx(ref_parts.jsd, rel=1e-9)
     grads = _grads(model)
     assert set(grads) == set(ref)
     for name in ref:
@@ -193,7 +200,7 @@ def test_teacher_topk_equals_full_logits_topk_with_temperature(tiny_model_dir):
     with torch.no_grad():
         logits, _, _ = response_logits(model, prompts, responses, 0)
     for pack in (False, True):
-        got = teacher_topk(model, prompts, responses, 8, 0, micro=4, token_budget=30, pack=pack, temperature=0.5)
+        got = teacher_topk(model, prompts, responses, 8, MicroBatching(4, 30, pack), temperature=0.5)
         for j, (vals, ids) in enumerate(got):
             ref_vals, ref_ids = (logits[j, :len(responses[j])] / 0.5).topk(8, -1)
             torch.testing.assert_close(vals, ref_vals, rtol=1e-4, atol=1e-4)
@@ -212,7 +219,7 @@ def _rank_worker(rank, world, model_dir, rdv, out):
     n_grpo, n_distill = hdist.sum_all([sum(len(r) for _, r, _ in mine), sum(len(d.response_ids) for d in mine_d)])
     parts, _ = _accumulate(model, mine, mine_d, micro=2, n_grpo=n_grpo, n_distill=n_distill)
     hdist.sum_gradients(list(model.parameters()))
-    total = hdist.sum_all([parts["grpo"], parts["jsd"]])
+    total = hdist.sum_all([parts.grpo, parts.jsd])
     if rank == 0:
         torch.save({"grads": _grads(model), "parts": total}, out)
     torch.distributed.destroy_process_group()
@@ -225,8 +232,8 @@ def test_gradients_same_on_one_and_two_ranks(tiny_model_dir, tmp_path):
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank_worker, args=(2, str(tiny_model_dir), str(tmp_path / "rdv"), str(out)), nprocs=2, join=True)
     got = torch.load(out)
-    assert got["parts"][0] == pytest.approx(ref_parts["grpo"], rel=1e-9, abs=1e-12)
-    assert got["parts"][1] == pytest.approx(ref_parts["jsd"], rel=1e-9)
+    assert got["parts"][0] == pytest.approx(ref_parts.grpo, rel=1e-9, abs=1e-12)
+    assert got["parts"][1] == pytest.approx(ref_parts.jsd, rel=1e-9)
     for name in ref:
         torch.testing.assert_close(got["grads"][name], ref[name], **F64)
 
@@ -349,12 +356,12 @@ def test_lambda_zero_is_exactly_grpo(tiny_model_dir, tmp_path):
 
     def update(weight, with_distill):
         model.zero_grad(set_to_none=True)
-        parts = accumulate_gradients(model, items, distill if with_distill else [], n_grpo, n_distill, weight, 3,
-                                     0, 0.2, 0.2)
+        parts = accumulate_gradients(model, _grpo(items), distill if with_distill else [], (n_grpo, n_distill),
+                                     Objective(weight), MicroBatching(3))
         return parts, _grads(model)
 
     (parts0, g0), (parts_none, g_none), (_, g_half) = update(0.0, True), update(0.0, False), update(0.5, True)
-    assert parts0["jsd"] > 0 and parts0["grpo"] == parts_none["grpo"]
+    assert parts0.jsd > 0 and parts0.grpo == parts_none.grpo
     assert all(torch.equal(g0[n], g_none[n]) for n in g_none)
     assert any(not torch.allclose(g_half[n], g_none[n]) for n in g_none)
 

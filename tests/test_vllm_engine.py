@@ -246,22 +246,22 @@ def test_sampler_correction_on_engine_rollouts(policy, tok):
     """Truncated importance weights of real engine rollouts: float32 engine and trainer agree, so every
     weight is 1 up to round-off and none is capped; the corrected gradient is the plain one."""
     from hdpo.generation import Sampling
-    from hdpo.train import accumulate_gradients
+    from hdpo.update import GrpoItem, MicroBatching, Objective, accumulate_gradients
 
     gen = generator(policy, tok)
     rollouts = [r for g in gen.generate(prompts(tok), 2, Sampling(max_new_tokens=16), seeds=[7, 8, 9]) for r in g]
-    items = [(r.prompt_ids, r.response_ids, 1.0 if i % 2 else -1.0) for i, r in enumerate(rollouts)]
+    items = [GrpoItem(r.prompt_ids, r.response_ids, 1.0 if i % 2 else -1.0, r.logprobs) for i, r in enumerate(rollouts)]
     n = float(sum(len(r.response_ids) for r in rollouts))
     grads = {}
     for mode in ("none", "token", "sequence"):
         policy.zero_grad(set_to_none=True)
-        parts = accumulate_gradients(policy, items, [], n, 1.0, 0.0, 4, tok.pad_token_id, 0.2, 0.2,
-                                     sampler_logprobs=[r.logprobs for r in rollouts], correction=(mode, 2.0))
+        parts = accumulate_gradients(policy, items, [], (n, 1.0), Objective(0.0, correction=mode, correction_cap=2.0),
+                                     MicroBatching(4, pad_id=tok.pad_token_id))
         grads[mode] = policy.model.embed_tokens.weight.grad.clone()
-        assert parts["mismatch_sum"] / parts["mismatch_tokens"] < LOGPROB_BOUND
+        assert parts.mismatch_sum / parts.mismatch_tokens < LOGPROB_BOUND
         if mode != "none":
-            assert parts["is_capped"] == 0 and parts["is_units"] == (n if mode == "token" else len(rollouts))
-            assert abs(parts["is_weight_sum"] / n - 1) < 10 * LOGPROB_BOUND
+            assert parts.is_capped == 0 and parts.is_units == (n if mode == "token" else len(rollouts))
+            assert abs(parts.is_weight_sum / n - 1) < 10 * LOGPROB_BOUND
     scale = float(grads["none"].abs().max())
     for mode in ("token", "sequence"):  # float32 round-off of weights 1 +- 1e-6 aside
         torch.testing.assert_close(grads[mode], grads["none"], rtol=1e-3, atol=1e-4 * scale)
