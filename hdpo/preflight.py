@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config)
 
+from hdpo import checkpoint as ckpt
 from hdpo.config import Config, from_dict, method_records
+from hdpo.data import Problem
+from hdpo.generation import Sampling, TransformersGenerator, generation_copy
+from hdpo.io import write_jsonl
+from hdpo.models import autocast, dynamic_shape_attention, enable_activation_checkpointing, eval_mode
+from hdpo.reward import RewardStats
+from hdpo.train import Trainer
+from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients
 
 log = logging.getLogger(__name__)
 GIB = 2 ** 30
@@ -52,8 +64,6 @@ TINY_TOKEN_BUDGET = 1024
 
 def model_shape(name: str, tiny: bool):
     """The configured model's transformers config (local or cached config.json), else Qwen2.5-Math-1.5B's."""
-    from transformers import AutoConfig, Qwen2Config
-
     source = "built-in Qwen2.5-Math-1.5B"
     try:  # a local folder or the Hub cache first; the Hub itself only when it answers at once
         try:
@@ -75,8 +85,6 @@ def model_shape(name: str, tiny: bool):
 
 
 def _hub_reachable() -> bool:
-    import socket
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         return False
     try:
@@ -87,10 +95,6 @@ def _hub_reachable() -> bool:
 
 
 def random_model(shape, device: torch.device, activation_checkpointing: bool):
-    from transformers import AutoModelForCausalLM
-
-    from hdpo.models import enable_activation_checkpointing
-
     torch.manual_seed(0)
     with device:  # initialise in place on the GPU (a 1.5B CPU init takes minutes)
         model = AutoModelForCausalLM.from_config(shape, dtype=torch.float32)
@@ -130,9 +134,6 @@ def measure_update(model, cfg: Config, device: torch.device, budget: Optional[in
                    update_fn=None) -> dict:
     """Peak memory and time of one update micro-batch (GRPO part, distillation part, AdamW step), measured on
     the second of two such updates so that the AdamW states exist (the steady state of a run)."""
-    from hdpo.models import autocast, dynamic_shape_attention
-    from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients
-
     n, plen, rlen = micro_batch_shape(cfg, budget, tiny)
     V, k = model.config.vocab_size, cfg.hdpo.topk_logits_k
     g = torch.Generator().manual_seed(0)
@@ -177,8 +178,6 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
     """Tokens/s on random prompt ids (no EOS in practice: random weights). `engine`: "ours" (the transformers
     backend: hdpo.decode on the bf16 copy), "hf_generate" (transformers' own `generate` sampling from the same
     bf16 copy: the library's baseline) or "fp32_autocast" (ours on the float32 master under autocast)."""
-    from hdpo.generation import Sampling, TransformersGenerator, generation_copy
-
     V = model.config.vocab_size
     gen = TransformersGenerator(model, IdTokenizer(V), batch, prompt_len + new_tokens)
     gen.model = model if engine == "fp32_autocast" else generation_copy(model, cfg.model.dtype)
@@ -186,7 +185,6 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
     prompts = [torch.randint(0, V - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     s = Sampling(cfg.generation.temperature, cfg.generation.top_p, new_tokens)
     device = next(model.parameters()).device
-    from hdpo.models import autocast, dynamic_shape_attention, eval_mode
 
     def run(prompts: list[list[int]]) -> int:
         if engine != "hf_generate":
@@ -217,9 +215,6 @@ def measure_generation(model, cfg: Config, batch: int, prompt_len: int, new_toke
 def measure_checkpoint(model, optimizer, work_dir: Path) -> dict:
     """Seconds and size of one resumable checkpoint, checked and written as the trainer does it
     (`hdpo.checkpoint.nonfinite_training_state`, then `save_training_state`)."""
-    from hdpo import checkpoint as ckpt
-    from hdpo.reward import RewardStats
-
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     path = work_dir / "checkpoint.pt"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -237,9 +232,6 @@ def measure_checkpoint(model, optimizer, work_dir: Path) -> dict:
 
 def build_tiny_model(folder: Path) -> Path:
     """A random 2-layer Llama and a byte-level tokenizer with a chat template, saved as a transformers folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     if (folder / "config.json").exists():
         return folder
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -287,9 +279,6 @@ def tiny_run_config(cfg: Config, model_dir: Path, steps: int) -> Config:
 
 
 def _write_tiny_data(folder: Path) -> Path:
-    from hdpo.data import Problem
-    from hdpo.io import write_jsonl
-
     probs = [Problem(f"pre:{i}", f"What is {i} + {i}?", None, str(2 * i), "preflight") for i in range(6)]
     write_jsonl(folder / "train.jsonl", [p.to_dict() for p in probs])
     write_jsonl(folder / "val.jsonl", [p.to_dict() for p in probs[:2]])
@@ -297,8 +286,6 @@ def _write_tiny_data(folder: Path) -> Path:
 
 
 def _tiny_trainer(cfg: Config, data: Path, root: Path, name: str):
-    from hdpo.train import Trainer
-
     return Trainer(cfg, data, root / "runs" / name, root / "work" / name, root / "models")
 
 
@@ -377,7 +364,6 @@ def preflight(cfg: Config, work_dir: Path, tiny: Optional[bool] = None, resume_c
                         "layers": shape.num_hidden_layers, "hidden": shape.hidden_size}
     # what else the trainer holds on the GPU counts too: the transformers backend's bf16 sampling copy, and a
     # frozen teacher (in the config's dtype) when any configured method uses one
-    from hdpo.generation import generation_copy
 
     frozen = any(r.teacher == "frozen" and r.distill_weight > 0 for r in method_records(cfg).values())
     keep = [generation_copy(model, cfg.model.dtype) for on in (cfg.generation.backend == "transformers", frozen)

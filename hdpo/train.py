@@ -129,29 +129,12 @@ class Trainer:
         self.frozen = None
         if self.hdpo_on and cfg.hdpo.teacher == "frozen":
             self.frozen = load_model(self.model_name, cfg.model.dtype, self.device).eval().requires_grad_(False)
-        g = cfg.generation
-        self.generator = make_generator(g.backend, self.policy, self.tok, g.batch_size,
-                                        cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
-                                        cfg.model.dtype, g.vllm_cpu_kv_cache_gib)
-        self.priv_generator = self.generator
-        if self.frozen is not None and cfg.hdpo.privileged_sampler == "teacher":
-            self.priv_generator = make_generator(g.backend, self.frozen, self.tok, g.batch_size,
-                                                 cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
-                                                 cfg.model.dtype, g.vllm_cpu_kv_cache_gib)
+        self.generator, self.priv_generator = self._make_generators()
         # One decode loop runs the rollouts and the cliffs' privileged rollouts when the policy samples both and
         # the cap cannot cut the cliffs (cap >= prompts per step, the paper's setting): fixed for the run.
         self.overlap = (self.hdpo_on and self.priv_generator is self.generator
                         and cfg.hdpo.max_cliff_prompts_per_step >= cfg.grpo.num_prompts_per_step)
-        if self.hdpo_on and cfg.hdpo.privileged_start == "speculative":
-            if not self.overlap or g.backend != "transformers":
-                log.warning("hdpo.privileged_start=speculative needs the transformers backend, the policy sampling "
-                            "the privileged rollouts and a cliff cap >= prompts per step: they start after the "
-                            "rollouts")
-            elif g.batch_size < cfg.grpo.num_prompts_per_step // self.world * (cfg.grpo.num_generations_per_prompt
-                                                                                + cfg.privileged_rollouts):
-                log.warning("hdpo.privileged_start=speculative: generation.batch_size=%d has no room for every "
-                            "prompt's rollouts and privileged rollouts at once, so the privileged ones wait behind "
-                            "the rollouts (fewer decoding steps saved)", g.batch_size)
+        self._warn_if_speculation_is_limited()
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -160,6 +143,7 @@ class Trainer:
         self.scorer = RewardScorer(cfg.eval.reward_workers, cfg.eval.reward_timeout_s,
                                    retry_timeout_s=cfg.eval.reward_retry_timeout_s)
         self.scorer.start()  # workers warm up while the models load
+        g = cfg.generation
         self.sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens or cfg.model.max_total_sequence_length)
         self.objective = Objective.from_config(cfg, self.sampling.temperature)
         self.state = TrainState()
@@ -170,6 +154,33 @@ class Trainer:
         self.tensorboard = None
         self.ckpt_path = self.work_dir / "checkpoint.pt"
         self._t0, self._wall_before, self._ckpt_step, self._lock = time.time(), 0.0, None, None
+
+    def _make_generators(self):
+        """The policy's generator, and the one that samples privileged rollouts (the frozen teacher's with
+        hdpo.privileged_sampler=teacher, else the same)."""
+        cfg, g = self.cfg, self.cfg.generation
+        generator = make_generator(g.backend, self.policy, self.tok, g.batch_size,
+                                   cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
+                                   cfg.model.dtype, g.vllm_cpu_kv_cache_gib)
+        if self.frozen is None or cfg.hdpo.privileged_sampler != "teacher":
+            return generator, generator
+        return generator, make_generator(g.backend, self.frozen, self.tok, g.batch_size,
+                                         cfg.model.max_total_sequence_length, g.gpu_memory_utilization,
+                                         cfg.model.dtype, g.vllm_cpu_kv_cache_gib)
+
+    def _warn_if_speculation_is_limited(self) -> None:
+        cfg, g = self.cfg, self.cfg.generation
+        if not (self.hdpo_on and cfg.hdpo.privileged_start == "speculative"):
+            return
+        if not self.overlap or g.backend != "transformers":
+            log.warning("hdpo.privileged_start=speculative needs the transformers backend, the policy sampling "
+                        "the privileged rollouts and a cliff cap >= prompts per step: they start after the "
+                        "rollouts")
+        elif g.batch_size < cfg.grpo.num_prompts_per_step // self.world * (cfg.grpo.num_generations_per_prompt
+                                                                            + cfg.privileged_rollouts):
+            log.warning("hdpo.privileged_start=speculative: generation.batch_size=%d has no room for every "
+                        "prompt's rollouts and privileged rollouts at once, so the privileged ones wait behind "
+                        "the rollouts (fewer decoding steps saved)", g.batch_size)
 
     # -- prompts ------------------------------------------------------------------------------------
     def _prompt(self, p: Problem, privileged: Optional[str] = None) -> str:
