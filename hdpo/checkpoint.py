@@ -2,7 +2,10 @@
 
 - `save`: one file written atomically, tensor by tensor. torch.save copies a CUDA storage to the host one
   storage at a time while it writes, so neither the host nor the GPU ever holds a second full copy of the
-  weights and optimizer states; a full disk is reported as such (torch would say only "unexpected pos").
+  weights and optimizer states; a full disk is reported as such (torch would say only "unexpected pos"). The
+  bytes are hashed as they are written; the sha256 goes to `<file>.sha256` before the file is renamed into
+  place (with the digests of the files it may still replace, so a kill between the two renames leaves a pair
+  that verifies), and `verify` checks a file against it before a resume.
 - `load`: memory-maps the file on the CPU (no full host copy at 1.5B) and leaves placing each tensor to the
   caller's load_state_dict, so a checkpoint written on a GPU resumes on a CPU and the other way round; RNG
   states stay CPU ByteTensors.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -112,6 +116,7 @@ class _Writer(io.RawIOBase):
 
     def __init__(self, fh):
         self.fh, self.written, self.error, self._fault_checked = fh, 0, None, False
+        self.sha256 = hashlib.sha256()
 
     def writable(self) -> bool:
         return True
@@ -126,6 +131,7 @@ class _Writer(io.RawIOBase):
         except OSError as err:
             self.error = err
             raise
+        self.sha256.update(memoryview(b)[:n])
         self.written += n
         return n
 
@@ -152,6 +158,7 @@ def save(blob: dict, path: str | Path) -> int:
                 torch.save(blob, w)
                 fh.flush()
                 os.fsync(fh.fileno())
+                _record_digest(path, w.sha256.hexdigest())
             except (OSError, RuntimeError) as err:
                 cause = w.error or err
                 if _is_disk_full(cause):
@@ -165,6 +172,39 @@ def save(blob: dict, path: str | Path) -> int:
         written = w.written
     _fsync_dir(path.parent)
     return written
+
+
+def digest_path(path: str | Path) -> Path:
+    return Path(f"{path}.sha256")
+
+
+def _record_digest(path: Path, digest: str) -> None:
+    """The new file's digest first, then those of the files it may still replace (a kill before its rename)."""
+    side = digest_path(path)
+    known = side.read_text().split() if side.exists() else []
+    with atomic_path(side) as tmp:
+        tmp.write_text("\n".join([digest, *known[:2]]) + "\n")
+
+
+class CorruptCheckpoint(RunError):
+    pass
+
+
+def verify(path: str | Path) -> bool:
+    """Check `path` against the digests written with it: True if it matches, False if no digest was written
+    (a checkpoint of an older version); a mismatch (damaged since it was written) raises CorruptCheckpoint."""
+    path, side = Path(path), digest_path(path)
+    if not side.exists():
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() not in side.read_text().split():
+        raise CorruptCheckpoint(f"cannot resume from {path}: its bytes do not match the sha256 written with it "
+                                f"({side}), so it was damaged after it was written; restore it, or move it away "
+                                "to train from step 0")
+    return True
 
 
 def save_training_state(path: str | Path, step: int, best: dict, policy: torch.nn.Module,

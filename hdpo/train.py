@@ -444,8 +444,13 @@ class Trainer:
         return nbytes
 
     def load_checkpoint(self) -> bool:
+        """Resume from the work dir's checkpoint, verified first: its sha256 against the one written with it,
+        then finite weights and optimizer states (a damaged file is refused, never trained on)."""
         if not self.ckpt_path.exists():
             return False
+        if not ckpt.verify(self.ckpt_path):
+            log.warning("%s has no sha256 beside it (written by an older version): resuming unverified",
+                        self.ckpt_path)
         try:  # on the CPU, memory-mapped; each tensor goes to its parameter's device
             blob = ckpt.load(self.ckpt_path)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # written atomically: damaged since
@@ -454,6 +459,11 @@ class Trainer:
         self.policy.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         ckpt.detach_from_file(self.optimizer)
+        bad = ckpt.nonfinite_training_state(self.policy, self.optimizer)
+        if bad:
+            raise ckpt.CorruptCheckpoint(f"cannot resume from {self.ckpt_path}: it holds non-finite values "
+                                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); restore it, "
+                                         "or move it away to train from step 0")
         self.scheduler.load_state_dict(blob["scheduler"])
         ckpt.set_rng_state(blob["rng"])
         self.state = TrainState(blob["step"], blob["best"])

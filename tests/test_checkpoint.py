@@ -191,7 +191,28 @@ def test_disk_full_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
                                             r"about 4000000 bytes"):
         ckpt.save({"w": torch.ones(10**6)}, tmp_path / "checkpoint.pt")
     assert torch.equal(torch.load(tmp_path / "checkpoint.pt")["w"], torch.zeros(10))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+    assert ckpt.verify(tmp_path / "checkpoint.pt")
+
+
+def test_saved_checkpoints_verify_and_damage_is_caught(tmp_path):
+    """The sha256 of the bytes written is recorded beside the file before it is renamed into place, with the
+    digests of the files it may replace: a kill between the two renames leaves a pair that still verifies."""
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save({"w": torch.arange(10.0)}, path)
+    assert ckpt.verify(path)
+    first = path.read_bytes()
+    ckpt.save({"w": torch.arange(10.0) * 2}, path)
+    assert ckpt.verify(path) and len(ckpt.digest_path(path).read_text().split()) == 2
+    path.write_bytes(first)  # the new digest recorded, the rename not done: the previous file still verifies
+    assert ckpt.verify(path)
+    damaged = bytearray(first)
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ckpt.CorruptCheckpoint, match=f"cannot resume from {path}: its bytes do not match"):
+        ckpt.verify(path)
+    ckpt.digest_path(path).unlink()  # written by a version without digests: unverified, not refused
+    assert ckpt.verify(path) is False
 
 
 def test_save_streams_from_the_live_tensors(tmp_path):

@@ -199,3 +199,32 @@ def test_rerun_beside_a_live_leftover_refuses(root):
         lock.release()
     assert proc.returncode == 1 and f"in use by another trainer (pid {os.getpid()})" in proc.stderr
     assert not (root / "work" / "busy" / "metrics.jsonl").exists()
+
+
+def test_a_damaged_checkpoint_is_refused_at_load_in_one_line(root):
+    """A checkpoint that loads but holds damaged values is refused before any step trains on it: bytes changed
+    after the write (the sha256 written beside it disagrees), or a NaN weight in a file whose digest matches
+    (saved so by hand); the message names the file and the way out."""
+    from hdpo import checkpoint as ckpt
+
+    work = root / "work" / "damaged"
+    _killed(hdpo_train(root, "damaged", "kill@rollout:2"))  # step 1's checkpoint on disk
+    path = work / "checkpoint.pt"
+    good = path.read_bytes()
+    middle = len(good) // 2
+    path.write_bytes(good[:middle] + b"\xff" * 4096 + good[middle + 4096:])
+    proc = hdpo_train(root, "damaged")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"hdpo: cannot resume from {path}: its bytes do not match the sha256 written with it ({path}.sha256), "
+        "so it was damaged after it was written; restore it, or move it away to train from step 0")
+
+    path.write_bytes(good)
+    blob = torch.load(path, weights_only=False)
+    next(iter(blob["model"].values())).view(-1)[0] = float("nan")
+    ckpt.save(blob, path)
+    proc = hdpo_train(root, "damaged")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"hdpo: cannot resume from {path}: it holds non-finite values (")
+    assert torch.load(path, weights_only=False)["step"] == 1  # refused, not overwritten
