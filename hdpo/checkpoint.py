@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -138,6 +139,22 @@ class _Writer(io.RawIOBase):
 
 def _is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _caused_by_full_disk(err: BaseException) -> bool:
+    """A full disk anywhere in the error's chain, shutil.copytree's list of (src, dst, why) included."""
+    seen: set[int] = set()
+    stack: list = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if _is_disk_full(e) or "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        if isinstance(e, BaseException):
+            stack += [e.__cause__, e.__context__]
+    return False
 
 
 def _free_bytes(path: Path) -> int:
@@ -322,12 +339,35 @@ def check_space(needs: dict[Path, tuple[int, str]],
 
 
 def preflight(work_dir: Path, run_dir: Path, checkpoint_bytes: int, policy_bytes: int,
-              usage: Callable[[Path], Any] = shutil.disk_usage) -> None:
-    """Before any work: both folders writable, and room for what the run will write there while the previous
-    copies still exist (a checkpoint's temp file and a best policy in the work dir; the final and best
-    policies in the run dir)."""
+              usage: Callable[[Path], Any] = shutil.disk_usage, existing_bytes: int = 0) -> None:
+    """Before any work: both folders writable, and room for what the run will hold at its fullest. Each file is
+    replaced atomically, so the new copy is written while the old one exists: the work dir holds two checkpoints
+    and two best policies at once, the run dir the final and best policies (`policy_bytes` with the tokenizer
+    and config files). `existing_bytes`: what the work dir already holds of these (a resumed run's checkpoint
+    and best policy), already off the free space."""
     check_writable(work_dir, "checkpoint (work)")
     check_writable(run_dir, "run output")
-    check_space({work_dir: (checkpoint_bytes + policy_bytes,
-                            f"a checkpoint of about {checkpoint_bytes} bytes and a policy of {policy_bytes}"),
+    check_space({work_dir: (2 * (checkpoint_bytes + policy_bytes) - existing_bytes,
+                            f"two checkpoints of about {checkpoint_bytes} bytes and two policies of {policy_bytes} "
+                            f"while one replaces the other, less {existing_bytes} already there"),
                  run_dir: (2 * policy_bytes, f"two policies of about {policy_bytes} bytes")}, usage)
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of a file, or of the files in a folder (0 if absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+@contextlib.contextmanager
+def disk_full_as_run_error(what: str, path: Path, kept: str):
+    """A full disk while writing `path` (an OSError, or shutil.copytree's list of them) as one RunError line
+    that says what was kept."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (safetensors and shutil wrap the OSError in their own types)
+        if not _caused_by_full_disk(err):
+            raise
+        raise DiskFull(f"disk full while writing {what} {path} ({_free_bytes(path.parent)} bytes free there); "
+                       f"{kept}; free space and rerun the same command") from err

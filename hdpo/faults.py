@@ -5,8 +5,10 @@ point, the way a cluster would (SIGKILL, a full disk, a poisoned gradient). Iner
 
 points: the end of each phase of a training step (rollout, reward, privileged, privileged_reward, teacher, update;
 hdpo.step_records.StepClock), grad (after the gradients are summed), checkpoint (after a checkpoint is published),
-checkpoint_write (while the checkpoint bytes are written), metrics (while a metrics line is appended).
-actions: kill (SIGKILL this process), enospc (raise OSError ENOSPC), inf (the trainer poisons a gradient),
+checkpoint_write (while the checkpoint bytes are written), policy (while a policy folder is written), metrics
+(while a metrics line is appended).
+actions: kill (SIGKILL this process), sigint (SIGINT, as Ctrl-C), enospc (raise OSError ENOSPC), inf (the trainer
+poisons a gradient),
 tear (write half of the metrics line, then SIGKILL).
 """
 from __future__ import annotations
@@ -44,6 +46,8 @@ def hit(point: str) -> Optional[str]:
     action = spec[0]
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return action

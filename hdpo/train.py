@@ -153,7 +153,7 @@ class Trainer:
         self.ledger: list[dict] = []  # every rank keeps it: expand-then-sharpen reads it to draw batches
         self.tensorboard = None
         self.ckpt_path = self.work_dir / "checkpoint.pt"
-        self._t0, self._wall_before, self._ckpt_step, self._lock = time.time(), 0.0, None, None
+        self._t0, self._wall_before, self._ckpt_step, self._locks = time.time(), 0.0, None, []
 
     def _make_generators(self):
         """The policy's generator, and the one that samples privileged rollouts (the frozen teacher's with
@@ -417,9 +417,11 @@ class Trainer:
     def save_policy(self, dest: Path, step: int, checkpoint: str) -> None:
         if self.rank != 0:
             return
-        with atomic_dir(dest) as tmp:
+        with ckpt.disk_full_as_run_error("the policy", dest, "the previous copy and the checkpoint are kept"), \
+                atomic_dir(dest) as tmp:
             self.policy.save_pretrained(tmp)
             self.tok.save_pretrained(tmp)
+            faults.hit("policy")
             meta = {"run": self.run_dir.name, "method": self.cfg.run.method, "seed": self.cfg.seed,
                     "checkpoint": checkpoint, "model_step": step}
             (tmp / "hdpo_meta.json").write_text(json.dumps(meta, indent=2))
@@ -503,14 +505,20 @@ class Trainer:
         if self.rank != 0:
             return
         ckpt.check_writable(self.work_dir, "checkpoint (work)")
-        self._lock = ckpt.RunLock(self.work_dir).acquire()
+        ckpt.check_writable(self.run_dir, "run output")
+        # one trainer per work dir, and per run dir (two runs publishing into one folder would mix their files)
+        self._locks = [ckpt.RunLock(self.work_dir).acquire(), ckpt.RunLock(self.run_dir).acquire()]
         for folder in (self.work_dir, self.run_dir):
             clean_stale(folder)
         params = [p for p in self.policy.parameters()]
-        policy_bytes = ckpt.tensor_bytes(params)
+        source = Path(self.model_name)  # a saved policy also holds the tokenizer and config files
+        extras = sum(ckpt.folder_bytes(f) for f in source.iterdir()
+                     if f.suffix not in (".safetensors", ".bin", ".gguf", ".pt")) if source.is_dir() else 0
+        policy_bytes = ckpt.tensor_bytes(params) + extras
         # AdamW keeps two moments per parameter, in the parameter's dtype
-        ckpt_bytes = policy_bytes + 2 * ckpt.tensor_bytes([p for p in params if p.requires_grad])
-        ckpt.preflight(self.work_dir, self.run_dir, ckpt_bytes, policy_bytes)
+        ckpt_bytes = ckpt.tensor_bytes(params) + 2 * ckpt.tensor_bytes([p for p in params if p.requires_grad])
+        existing = ckpt.folder_bytes(self.ckpt_path) + ckpt.folder_bytes(self.work_dir / "policy_best")
+        ckpt.preflight(self.work_dir, self.run_dir, ckpt_bytes, policy_bytes, existing_bytes=existing)
 
     def _log(self, row: dict) -> None:
         if self.rank == 0:
@@ -572,7 +580,8 @@ class Trainer:
             best_src = self.work_dir / "policy_best"
             recover_dir(best_src)  # a swap cut short by a kill leaves `.policy_best.old`/`.ready`: finish it
             if best_src.exists():
-                with atomic_dir(self.run_dir / "policy_best") as tmp:
+                dest = self.run_dir / "policy_best"
+                with ckpt.disk_full_as_run_error("the policy", dest, f"{best_src} is kept"), atomic_dir(dest) as tmp:
                     shutil.copytree(best_src, tmp, dirs_exist_ok=True)
             elif self.cfg.checkpoint.keep_best:
                 raise ckpt.RunError(f"{best_src} is missing although checkpoint.keep_best is on (no validation "
@@ -599,8 +608,8 @@ class Trainer:
         self.scorer.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self._lock is not None:
-            self._lock.release()
+        for lock in self._locks:
+            lock.release()
         return summary
 
 
@@ -629,6 +638,12 @@ def _trim_rows(path: Path, step: int) -> None:
 
 
 def train(cfg: Config, data_dir, run_dir, work_dir, model_cache, resume: bool = True) -> dict:
-    trainer = Trainer(cfg, data_dir, run_dir, work_dir, model_cache)
-    with trainer.scorer:  # on an error the reward workers are killed, not left running
-        return trainer.fit(resume=resume)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, data_dir, run_dir, work_dir, model_cache)
+        with trainer.scorer:  # on an error the reward workers are killed, not left running
+            return trainer.fit(resume=resume)
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, not a traceback
+        where = (f"during step {trainer.state.step + 1}; {trainer._last_good()}" if trainer is not None
+                 else "before training started")
+        raise ckpt.RunError(f"interrupted {where}: rerun the same command (with --resume) to continue") from None

@@ -231,11 +231,13 @@ def test_free_space_check_names_folder_and_bytes(tmp_path):
     work, run = tmp_path / "work", tmp_path / "run"
     work.mkdir(), run.mkdir()
     free = lambda n: lambda path: SimpleNamespace(free=n)  # noqa: E731
-    # same filesystem: 600 + 100 (work) + 2 * 100 (run) = 900 bytes
-    with pytest.raises(ckpt.RunError, match=r"899 bytes free but about 900 bytes needed \(.*work: a checkpoint of "
-                                            r"about 600 bytes and a policy of 100"):
-        ckpt.preflight(work, run, checkpoint_bytes=600, policy_bytes=100, usage=free(899))
-    ckpt.preflight(work, run, checkpoint_bytes=600, policy_bytes=100, usage=free(900))
+    # same filesystem: 2 * (600 + 100) (work: old and new copies during an atomic replace) + 2 * 100 (run) = 1600
+    with pytest.raises(ckpt.RunError, match=r"1599 bytes free but about 1600 bytes needed \(.*work: two checkpoints "
+                                            r"of about 600 bytes and two policies of 100"):
+        ckpt.preflight(work, run, checkpoint_bytes=600, policy_bytes=100, usage=free(1599))
+    ckpt.preflight(work, run, checkpoint_bytes=600, policy_bytes=100, usage=free(1600))
+    # a resumed run's checkpoint and best policy are already on disk (and off the free space)
+    ckpt.preflight(work, run, checkpoint_bytes=600, policy_bytes=100, usage=free(900), existing_bytes=700)
 
 
 def test_unwritable_folder_is_named(tmp_path):

@@ -228,3 +228,35 @@ def test_a_damaged_checkpoint_is_refused_at_load_in_one_line(root):
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith(f"hdpo: cannot resume from {path}: it holds non-finite values (")
     assert torch.load(path, weights_only=False)["step"] == 1  # refused, not overwritten
+
+
+def test_ctrl_c_and_a_full_disk_while_publishing_end_in_one_line(root):
+    """Ctrl-C (SIGINT) in the middle of a step says where it stopped and how to go on; a full disk while a policy
+    folder is written says what was kept; the rerun finishes the same run."""
+    work = root / "work" / "interrupted"
+    proc = hdpo_train(root, "interrupted", "sigint@rollout:3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"hdpo: interrupted during step 3; the last good checkpoint is {work / 'checkpoint.pt'} (step 2): rerun "
+        "the same command (with --resume) to continue")
+    # step 2 is a validation step with a new best policy, written to the work dir: the disk fills up there
+    proc = hdpo_train(root, "interrupted", "enospc@policy:1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("hdpo: disk full while writing the policy ") and "free space and rerun" in message
+    _ok(hdpo_train(root, "interrupted"))
+    assert_nothing_stale(root, "interrupted")
+
+
+def test_two_trainers_cannot_publish_into_one_run_folder(root):
+    """Another work folder, the same --run-dir: refused while a live trainer holds the run folder, before it
+    writes anything (this test process plays the live trainer)."""
+    shared = root / "runs" / "shared"
+    lock = RunLock(shared).acquire()
+    try:
+        proc = hdpo_train(root, "second", run_dir=shared)
+    finally:
+        lock.release()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert f"{shared} is in use by another trainer (pid {os.getpid()})" in proc.stderr
+    assert not (root / "work" / "second" / "metrics.jsonl").exists()
