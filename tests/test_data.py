@@ -193,8 +193,11 @@ def test_gguf_tokenizer_takes_its_special_tokens_from_the_file():
 
 def test_gguf_model_converts_once_into_a_folder_with_the_files_logits(tmp_path, monkeypatch, tokenizer_dir):
     """The demo's model path: the GGUF dequantised into a transformers folder gives the logits of the GGUF
-    loaded directly; a conversion cut short (a full disk) leaves no folder and no debris; a converted folder
-    is reused, never converted again."""
+    loaded directly; a conversion cut short (a full disk) leaves no folder and no debris, and the next one
+    removes what a killed one left; the folder has ordinary permissions; a converted folder is reused, never
+    converted again."""
+    import os
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -209,13 +212,20 @@ def test_gguf_model_converts_once_into_a_folder_with_the_files_logits(tmp_path, 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    def listing():  # the lock file that serialises conversions aside
+        return sorted(p.name for p in dest.parent.iterdir() if p.name != ".smol.lock")
+
+    killed = dest.parent / ".smol.k2ll3d"  # the temp folder of a conversion killed midway
+    (killed / "model.safetensors").parent.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
+
     with monkeypatch.context() as m:  # the model is written, then the disk fills while the tokenizer is
         m.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: direct)  # (spares a load)
         m.setattr(models, "gguf_tokenizer", lambda path: AutoTokenizer.from_pretrained(tokenizer_dir))
         m.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
         with pytest.raises(OSError, match="No space left"):
             models.convert_gguf(src, dest)
-    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    assert not dest.exists() and listing() == []
 
     assert models.convert_gguf(src, dest) == dest
     ids = models.load_tokenizer(str(dest))("What is 3 + 4? The answer is", return_tensors="pt").input_ids
@@ -223,7 +233,11 @@ def test_gguf_model_converts_once_into_a_folder_with_the_files_logits(tmp_path, 
         got = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)(ids).logits
         want = direct(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["smol"]
+    assert listing() == ["smol"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in dest.iterdir())
 
     stamp = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     with monkeypatch.context() as m:

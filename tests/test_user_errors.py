@@ -304,3 +304,34 @@ def test_a_damaged_checkpoint_stops_resume_in_one_line(tmp_path, tiny_model_dir,
                          "experiment.require_gpu=false"),
                    f"cannot resume from {work / 'checkpoint.pt'}: unreadable", "move it away")
     assert (work / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "truncated weights"])
+def test_a_damaged_model_folder_is_named_in_one_line(tmp_path, tiny_model_dir, tiny_data, damage):
+    """A policy folder without its tokenizer files (transformers would advise installing sentencepiece) or with
+    a model.safetensors cut short (transformers: "incomplete metadata", no file named)."""
+    import shutil
+
+    from hdpo.io import write_jsonl
+
+    model = tmp_path / "policy_final"
+    shutil.copytree(tiny_model_dir, model)
+    if damage == "no tokenizer":
+        for f in model.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                f.unlink()
+        needles = (str(model), "no tokenizer files", "copy them from the model")
+    else:
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        needles = (str(weights), "bytes but the file has", "rerun the job that wrote it")
+    data = tmp_path / "data"
+    write_jsonl(data / "benchmarks" / "math500.jsonl", [{"id": "t:0", "problem": "1 + 1?", "answer": "2",
+                                                         "source": "t"}])
+    one_line_error(*hdpo("evaluate", "--config", DEMO, "--model", str(model), "--benchmark", "math500",
+                         "--data", str(data), "--out", str(tmp_path / "out.json"),
+                         "--set", "experiment.require_gpu=false"), *needles)
+    one_line_error(*hdpo("train", "--config", DEMO, "--method", "grpo", "--data", str(tiny_data),
+                         "--run-dir", str(tmp_path / "run"), "--work-dir", str(tmp_path / "work"),
+                         "--set", f"model.name={model}", "model.gguf_file=null", "experiment.require_gpu=false"),
+                   *needles)
