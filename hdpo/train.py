@@ -477,11 +477,7 @@ class Trainer:
         del blob
         self.generator.update_weights(self.policy)
         # rows logged after the checkpoint would be logged again: drop them (and a line torn by the kill)
-        if self.rank == 0 and self.metrics_path.exists():
-            rows = [r for r in read_jsonl(self.metrics_path, drop_torn_tail=True) if r["step"] <= self.state.step]
-            with atomic_path(self.metrics_path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for path in (self.ledger_path, self.val_records_path):
+        for path in (self.metrics_path, self.ledger_path, self.val_records_path):
             if self.rank == 0 and path.exists():
                 _trim_rows(path, self.state.step)
         dist.barrier()
@@ -632,7 +628,11 @@ def _append_rows(path: Path, rows: list[dict]) -> None:
 def _trim_rows(path: Path, step: int) -> None:
     """Drop rows written after the checkpoint's step (a resumed run writes them again); a torn last line (a
     kill mid-append) is dropped like metrics.jsonl's."""
-    rows = [r for r in read_jsonl(path, drop_torn_tail=True) if r["step"] <= step]
+    try:
+        rows = [r for r in read_jsonl(path, drop_torn_tail=True) if r["step"] <= step]
+    except ValueError as err:  # damaged inside, not a torn last line: the run's record cannot be trusted as is
+        raise ckpt.RunError(f"{err}; repair or delete that row (rows after step {step}, the checkpoint's, are "
+                            f"written again on resume), or move {path.parent} away to train from step 0") from None
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -260,3 +260,19 @@ def test_two_trainers_cannot_publish_into_one_run_folder(root):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert f"{shared} is in use by another trainer (pid {os.getpid()})" in proc.stderr
     assert not (root / "work" / "second" / "metrics.jsonl").exists()
+
+
+def test_a_bad_row_inside_the_work_folders_metrics_is_named_with_the_fix(root):
+    """Not a torn last line (a kill), a damaged row in the middle: resume stops in one line naming the file,
+    the row and what to do, and leaves the file as it was."""
+    work = root / "work" / "badrow"
+    _killed(hdpo_train(root, "badrow", "kill@rollout:3"))
+    metrics = work / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][: len(lines[1]) // 2] + "\n"
+    metrics.write_text("".join(lines))
+    proc = hdpo_train(root, "badrow")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"hdpo: {metrics}: row 2: not valid JSON") and "repair or delete that row" in message
+    assert metrics.read_text() == "".join(lines)
