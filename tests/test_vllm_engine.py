@@ -62,7 +62,7 @@ def policy(demo_model_dir):
 
 
 def generator(model, tok):
-    from hdpo.generation import make_generator
+    from hdpo.generators import make_generator
 
     return make_generator("vllm", model, tok, 64, MAX_LEN, dtype="float32", cpu_kv_cache_gib=1.0)
 
