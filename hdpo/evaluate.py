@@ -10,13 +10,18 @@ import json
 import logging
 import shutil
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional, Sequence
+
+import torch
 
 from hdpo.config import Config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.generation import Generator, Sampling, problem_seed
+from hdpo.generators import make_generator
 from hdpo.io import atomic_path, samples_path, write_json, write_jsonl
+from hdpo.models import load_model, load_tokenizer
 from hdpo.passk import mean_pass_at_k
 from hdpo.reward import RewardScorer
 
@@ -105,10 +110,6 @@ def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
     name (it seeds the samples) and file, the device (CPU samples in float32, a GPU in the configured dtype,
     and kernels differ between GPU models) and the code (this package's sources and the libraries that
     tokenize, sample and verify): a result left by other code or hardware is never copied."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
     def installed(name: str) -> Optional[str]:
         try:
             return version(name)
@@ -162,9 +163,6 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     When one of them was computed from the same model files under the same `eval_digest`, its numbers and
     samples are copied rather than drawn again: seeded evaluation would draw the very same samples
     (`score_problems`), and score them the same unless a math-verify time limit fell differently."""
-    from hdpo.generators import make_generator
-    from hdpo.models import load_model, load_tokenizer
-
     bench_file = Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl"
     problems = read_problems(bench_file)
     meta = meta or _model_meta(model_dir)  # `meta`: e.g. the untrained model, which has no hdpo_meta.json
