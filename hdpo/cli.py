@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-from hdpo.config import Config, ConfigError, load_config, run_config
+from hdpo.config import Config, ConfigError, explain, json_schema, load_config, run_config
+from hdpo.data import DataError, prepare_data
+from hdpo.io import atomic_write_text
+
+# hdpo.checkpoint, .models, .train, .evaluate, .preflight and .report load torch, transformers or matplotlib
+# (seconds): each is imported where a command needs it, so `hdpo --help` and `hdpo config` answer at once.
 
 log = logging.getLogger("hdpo")
 
@@ -33,17 +40,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hdpo", description=__doc__)
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prepare-data", help="load sources, split 95/5, write train/val/benchmark files")
+def _prepare_data_options(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--out", required=True, help="output folder (e.g. results/data)")
     p.add_argument("--data-dir", default=None, help="folder of local mirrors (default: $HDPO_DATA_DIR)")
 
-    p = sub.add_parser("train", help="train one run (GRPO or HDPO)")
+
+def _train_options(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--method", default=None, help="a name under experiment.methods (its record sets hdpo.* and "
                                                   "its other settings)")
@@ -54,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-cache", default=None, help="where converted models go (default: results/models)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir if any")
 
-    p = sub.add_parser("evaluate", help="evaluate a saved policy on a benchmark")
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--model", default=None, help="a policy folder written by train")
     p.add_argument("--base", action="store_true",
@@ -68,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="results of other checkpoints to copy when they come from the same model files, "
                         "settings and code (the workflow passes a run's final result to its best checkpoint)")
 
-    p = sub.add_parser("preflight", help="check this node before a long run: kill/resume, memory, speed, verdict")
+
+def _preflight_options(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--out", default="results/preflight/verdict.json", help="the verdict as JSON")
     p.add_argument("--work-dir", default=None, help="scratch space, also for the timed checkpoint "
@@ -82,18 +87,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch", type=_positive_int, default=None, help="generation batch (default 256; tiny 8)")
     p.add_argument("--gen-new", type=_positive_int, default=None, help="new tokens per sequence (default 256; tiny 16)")
 
-    p = sub.add_parser("report", help="tables or figures from aggregated results")
+
+def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["tables", "figures"])
     _common(p)
     p.add_argument("--results", default="results")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("config", help="list every config key (doc, value, paper's value) or print the schema")
+
+def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config to explain (default: the built-in defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--explain", action="store_true", help="list every key: value, type, doc, paper's value (default)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema generated from the typed config")
     p.add_argument("--method", default=None, help="explain one method's run config")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hdpo", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_options(sub.add_parser(name, help=command.help))
     return ap
 
 
@@ -106,10 +121,15 @@ def _config(args) -> Config:
     return cfg
 
 
+# A missing or unwritable path, a full disk or quota: one line. Other OSErrors (too many open files, a broken
+# pipe to a worker) may be bugs and keep their traceback.
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
 def _user_error(err: BaseException) -> str:
     """One line for a mistake in the user's input (a path, a file's content, the network), else ''."""
     from hdpo.checkpoint import RunError
-    from hdpo.data import DataError
     from hdpo.models import ModelSourceError
 
     if isinstance(err, (DataError, ModelSourceError, RunError)):
@@ -117,12 +137,6 @@ def _user_error(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno in _PATH_ERRNOS:  # the machine's state, not a bug
         return f"{err.filename}: {err.strerror}" if err.filename else (err.strerror or str(err))
     return ""
-
-
-# A missing or unwritable path, a full disk or quota: one line. Other OSErrors (too many open files, a broken
-# pipe to a worker) may be bugs and keep their traceback.
-_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
-                errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def _require_gpu(cfg: Config) -> None:
@@ -153,88 +167,110 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args, cfg: Config) -> None:
-    if args.command == "config":
-        import json
-
-        from hdpo.config import explain, json_schema
-
-        print(json.dumps(json_schema(), indent=1, ensure_ascii=False) if args.schema else explain(cfg))
-        return
-
-    if args.threads:
+    if getattr(args, "threads", None):  # `config` has no --threads
         import torch
 
         torch.set_num_threads(args.threads)
+    COMMANDS[args.command].run(args, cfg)
+
+
+def _run_prepare_data(args, cfg: Config) -> None:
     from hdpo.checkpoint import check_writable
 
-    if args.command == "prepare-data":
-        from hdpo.data import prepare_data
+    check_writable(args.out, "prepared data")
+    try:
+        summary = prepare_data(cfg, args.out, args.data_dir)  # None: $HDPO_DATA_DIR
+    except ConnectionError as err:
+        raise SystemExit(f"hdpo: cannot reach the Hugging Face Hub ({err}): {DEMO_HINT}") from None
+    log.info("prepared data: %s", summary.get("counts", summary))
 
-        check_writable(args.out, "prepared data")
-        try:
-            summary = prepare_data(cfg, args.out, args.data_dir)  # None: $HDPO_DATA_DIR
-        except ConnectionError as err:
-            raise SystemExit(f"hdpo: cannot reach the Hugging Face Hub ({err}): {DEMO_HINT}") from None
-        log.info("prepared data: %s", summary.get("counts", summary))
-    elif args.command == "train":
-        from hdpo.train import train
 
-        _require_gpu(cfg)
-        for name in ("train.jsonl", "val.jsonl"):
-            if not (Path(args.data) / name).is_file():
-                raise FileNotFoundError(2, "no such file (give --data the folder written by prepare-data)",
-                                        str(Path(args.data) / name))
-        cache = args.model_cache or str(Path(args.run_dir).parent.parent / "models")
-        from hdpo.checkpoint import RunError
+def _run_train(args, cfg: Config) -> None:
+    from hdpo.checkpoint import RunError
+    from hdpo.train import train
 
-        try:
-            train(cfg, args.data, args.run_dir, args.work_dir, cache, resume=args.resume)
-        except RunError as err:  # non-finite step, full disk, busy or unwritable folder: one line, no traceback
-            raise SystemExit(f"hdpo: {err}") from None
-    elif args.command == "evaluate":
-        from hdpo.evaluate import evaluate_checkpoint
+    _require_gpu(cfg)
+    for name in ("train.jsonl", "val.jsonl"):
+        if not (Path(args.data) / name).is_file():
+            raise FileNotFoundError(2, "no such file (give --data the folder written by prepare-data)",
+                                    str(Path(args.data) / name))
+    cache = args.model_cache or str(Path(args.run_dir).parent.parent / "models")
+    try:
+        train(cfg, args.data, args.run_dir, args.work_dir, cache, resume=args.resume)
+    except RunError as err:  # non-finite step, full disk, busy or unwritable folder: one line, no traceback
+        raise SystemExit(f"hdpo: {err}") from None
 
-        _require_gpu(cfg)
-        if args.base == bool(args.model):
-            raise SystemExit("hdpo evaluate: give exactly one of --model DIR and --base")
-        meta = None
-        if args.base:  # the step-0 model: a row of its own in the benchmark tables
-            from hdpo.models import resolve_model
 
-            cache = args.model_cache or str(Path(args.out).resolve().parents[2] / "models")
-            args.model = resolve_model(cfg.model, cache)
-            meta = {"run": "base", "method": "base", "seed": cfg.seed, "checkpoint": "base", "model_step": 0}
-        elif not Path(args.model).is_dir():
-            raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
-        check_writable(Path(args.out).parent, "evaluation output")  # before the evaluation, not after it
-        evaluate_checkpoint(cfg, args.model, args.benchmark, args.data, args.out, meta, reuse=args.reuse)
-    elif args.command == "preflight":
-        import json
+def _run_evaluate(args, cfg: Config) -> None:
+    from hdpo.checkpoint import check_writable
+    from hdpo.evaluate import evaluate_checkpoint
+    from hdpo.models import resolve_model
 
-        from hdpo.io import atomic_write_text
-        from hdpo.preflight import preflight, table
+    _require_gpu(cfg)
+    if args.base == bool(args.model):
+        raise SystemExit("hdpo evaluate: give exactly one of --model DIR and --base")
+    model, meta = args.model, None
+    if args.base:  # the step-0 model: a row of its own in the benchmark tables
+        model = resolve_model(cfg.model, args.model_cache or str(Path(args.out).resolve().parents[2] / "models"))
+        meta = {"run": "base", "method": "base", "seed": cfg.seed, "checkpoint": "base", "model_step": 0}
+    elif not Path(model).is_dir():
+        raise FileNotFoundError(2, "no such policy folder (written by train)", model)
+    check_writable(Path(args.out).parent, "evaluation output")  # before the evaluation, not after it
+    evaluate_checkpoint(cfg, model, args.benchmark, args.data, args.out, meta, reuse=args.reuse)
 
-        out = Path(args.out)
-        check_writable(out.parent, "preflight verdict")
-        verdict = preflight(cfg, Path(args.work_dir) if args.work_dir else out.parent / "work",
-                            tiny=True if args.tiny else None, resume_check=not args.skip_resume,
-                            checkpoint_check=not args.skip_checkpoint, gen_batch=args.gen_batch,
-                            gen_new=args.gen_new, gen_baseline=args.gen_baseline)
-        print(table(verdict))  # first: a verdict that cannot be written is still seen
-        atomic_write_text(out, json.dumps(verdict, indent=2, default=str))
-        log.info("wrote %s", out)
-        if not verdict["fits"]:
-            raise SystemExit(1)
-    elif args.command == "report":
-        if not Path(args.results).is_dir():  # else every table would be written full of dashes
-            raise FileNotFoundError(2, "no such results folder", args.results)
-        check_writable(args.out, "report output")
-        if args.what == "tables":
-            from hdpo.report.tables import write_tables as write
-        else:
-            from hdpo.report.figures import write_figures as write
-        for path in write(cfg, Path(args.results), Path(args.out)):
-            log.info("wrote %s", path)
+
+def _run_preflight(args, cfg: Config) -> None:
+    from hdpo.checkpoint import check_writable
+    from hdpo.preflight import preflight, table
+
+    out = Path(args.out)
+    check_writable(out.parent, "preflight verdict")
+    verdict = preflight(cfg, Path(args.work_dir) if args.work_dir else out.parent / "work",
+                        tiny=True if args.tiny else None, resume_check=not args.skip_resume,
+                        checkpoint_check=not args.skip_checkpoint, gen_batch=args.gen_batch,
+                        gen_new=args.gen_new, gen_baseline=args.gen_baseline)
+    print(table(verdict))  # first: a verdict that cannot be written is still seen
+    atomic_write_text(out, json.dumps(verdict, indent=2, default=str))
+    log.info("wrote %s", out)
+    if not verdict["fits"]:
+        raise SystemExit(1)
+
+
+def _run_report(args, cfg: Config) -> None:
+    from hdpo.checkpoint import check_writable
+
+    if not Path(args.results).is_dir():  # else every table would be written full of dashes
+        raise FileNotFoundError(2, "no such results folder", args.results)
+    check_writable(args.out, "report output")
+    if args.what == "tables":
+        from hdpo.report.tables import write_tables as write
+    else:
+        from hdpo.report.figures import write_figures as write
+    for path in write(cfg, Path(args.results), Path(args.out)):
+        log.info("wrote %s", path)
+
+
+def _run_config(args, cfg: Config) -> None:
+    print(json.dumps(json_schema(), indent=1, ensure_ascii=False) if args.schema else explain(cfg))
+
+
+class Command(NamedTuple):
+    help: str
+    add_options: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Config], None]
+
+
+COMMANDS = {  # in the order `hdpo --help` lists them
+    "prepare-data": Command("load sources, split 95/5, write train/val/benchmark files",
+                            _prepare_data_options, _run_prepare_data),
+    "train": Command("train one run (GRPO or HDPO)", _train_options, _run_train),
+    "evaluate": Command("evaluate a saved policy on a benchmark", _evaluate_options, _run_evaluate),
+    "preflight": Command("check this node before a long run: kill/resume, memory, speed, verdict",
+                         _preflight_options, _run_preflight),
+    "report": Command("tables or figures from aggregated results", _report_options, _run_report),
+    "config": Command("list every config key (doc, value, paper's value) or print the schema",
+                      _config_options, _run_config),
+}
 
 
 if __name__ == "__main__":
