@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,9 @@ FIGURE_NAMES = ("val_passk", "training", "cliffs", "cliff_recovery", "passk_curv
 SINGLE_COLUMN_IN = 3.5
 DOUBLE_COLUMN_IN = 7.0
 SELECTION_MARKERS = {"best": "o", "final": "s", "held-out": "D"}
+TEACHER_COLORS = {"frozen": "#0072B2", "drifting": "#D55E00"}
+CHECKPOINT_HATCHES = ["", "////", "..", "xx"]  # a method's checkpoints, in the order of experiment.checkpoints
+CHECKPOINT_ALPHAS = [1.0, 0.55, 0.35, 0.25]
 
 
 def _no_data(ax, text: str = "no results yet") -> None:
@@ -227,102 +232,119 @@ def _time_bars(ax, train: pd.DataFrame, methods, styles) -> list:
 def _fig_cliff_recovery(cfg: Config, results_dir: Path):
     from matplotlib.figure import Figure
     ledger = ledger_frame(cfg, results_dir)
-    probe = probe_frame(cfg, results_dir)
     methods = list(cfg.experiment.methods)
     styles = method_styles(cfg)
     fig = Figure(figsize=(DOUBLE_COLUMN_IN, 2.9), layout="constrained")
     ax_probe, ax_bar, ax_cum, ax_tail = fig.subplots(1, 4)
-    # (0) the cliff probe: the run's earliest former cliffs, sampled with the plain prompt at each validation
+    _cliff_probe_panel(ax_probe, probe_frame(cfg, results_dir), methods, styles)
+    _met_again_panel(ax_bar, ledger, methods, styles)
+    _distilled_panel(ax_cum, ledger, methods, styles)
+    _tail_mass_panel(ax_tail, ledger, methods, styles, cfg.hdpo.topk_logits_k)
+    _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
+    fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
+    return fig
+
+
+def _cliff_probe_panel(ax, probe: pd.DataFrame, methods, styles) -> None:
+    """The cliff probe: the run's earliest former cliffs, sampled with the plain prompt at each validation."""
     drawn = False
     for m in methods:
         mine = probe[probe["method"] == m]
         if mine.empty:
             continue
         band = _mean_band(mine.rename(columns={"solved": "v"}), "v")
-        ax_probe.plot(band["step"], band["mean"], **styles[m], marker="o", markersize=3)
+        ax.plot(band["step"], band["mean"], **styles[m], marker="o", markersize=3)
         drawn = True
     if not drawn:
-        _no_data(ax_probe, "no cliff probe\n(eval.cliff_probe_problems = 0)")
-    ax_probe.set_title("probe: cliffs solved now")
-    ax_probe.set_xlabel("training step")
-    ax_probe.set_ylabel("fraction with a correct\nplain-prompt sample")
-    ax_probe.set_ylim(-0.02, 1.02)
-    lo, hi = ax_probe.get_xlim()
+        _no_data(ax, "no cliff probe\n(eval.cliff_probe_problems = 0)")
+    ax.set_title("probe: cliffs solved now")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("fraction with a correct\nplain-prompt sample")
+    ax.set_ylim(-0.02, 1.02)
+    lo, hi = ax.get_xlim()
     if drawn and hi - lo < 2:  # one validation step: room for integer ticks around it
         mid = round((lo + hi) / 2)
-        ax_probe.set_xlim(mid - 1, mid + 1)
-    ax_probe.xaxis.set_major_locator(MaxNLocator(integer=True))
-    # (a) former cliffs met again later with the plain prompt, and how many were solved then
+        ax.set_xlim(mid - 1, mid + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _recovery_counts(ledger: pd.DataFrame) -> tuple[int, int, int]:
+    """Former cliffs, those met again at a later step with the plain prompt, and those solved then: summed over
+    the seeds' runs in `ledger`."""
+    former = met = solved = 0
+    for _, run in ledger.groupby("seed"):
+        first_cliff: dict = {}
+        met_again, solved_again = set(), set()
+        for r in run.sort_values("step").itertuples(index=False):
+            if r.index in first_cliff and r.step > first_cliff[r.index]:
+                met_again.add(r.index)
+                if r.reward_sum > 0:
+                    solved_again.add(r.index)
+            if r.cliff and r.index not in first_cliff:
+                first_cliff[r.index] = r.step
+        former, met, solved = former + len(first_cliff), met + len(met_again), solved + len(solved_again)
+    return former, met, solved
+
+
+def _met_again_panel(ax, ledger: pd.DataFrame, methods, styles) -> None:
+    """Former cliffs met again later with the plain prompt (hollow bars), and how many were solved then."""
+    counts = [_recovery_counts(ledger[ledger["method"] == m]) for m in methods]
+    former, met, solved = ([c[i] for c in counts] for i in range(3))
     x = np.arange(len(methods))
-    met, solved, former = [], [], []
-    for m in methods:
-        mine = ledger[ledger["method"] == m]
-        f_, m_, s_ = 0, 0, 0
-        for _, run in mine.groupby("seed"):
-            first = {}
-            met_i, solved_i = set(), set()
-            for r in run.sort_values("step").itertuples(index=False):
-                if r.index in first and r.step > first[r.index]:
-                    met_i.add(r.index)
-                    if r.reward_sum > 0:
-                        solved_i.add(r.index)
-                if r.cliff and r.index not in first:
-                    first[r.index] = r.step
-            f_, m_, s_ = f_ + len(first), m_ + len(met_i), s_ + len(solved_i)
-        former.append(f_)
-        met.append(m_)
-        solved.append(s_)
     colors = [styles[m]["color"] for m in methods]
-    ax_bar.bar(x, met, 0.7, color="white", edgecolor=colors, linewidth=1.0, label="met again")
-    ax_bar.bar(x, solved, 0.7, color=colors, label="solved then")
+    ax.bar(x, met, 0.7, color="white", edgecolor=colors, linewidth=1.0, label="met again")
+    ax.bar(x, solved, 0.7, color=colors, label="solved then")
     for i in range(len(methods)):
-        ax_bar.text(x[i], max(met[i], 0) + 0.02 * max(1, max(met or [1])), f"{solved[i]}/{met[i]}\nof {former[i]}",
-                    ha="center", va="bottom", fontsize=5)
+        ax.text(x[i], max(met[i], 0) + 0.02 * max(1, max(met or [1])), f"{solved[i]}/{met[i]}\nof {former[i]}",
+                ha="center", va="bottom", fontsize=5)
     if ledger.empty:
-        _no_data(ax_bar)
+        _no_data(ax)
     elif not any(met):
-        _no_data(ax_bar, "no former cliff met again\n(none re-drawn or re-injected)")
+        _no_data(ax, "no former cliff met again\n(none re-drawn or re-injected)")
     if len(methods) > 3:  # a narrow panel: upright one-line labels, or they run into each other
-        ax_bar.set_xticks(x, [method_short(m).replace("-\n", "-").replace("\n", " ") for m in methods],
-                          fontsize=5, rotation=90)
+        ax.set_xticks(x, [method_short(m).replace("-\n", "-").replace("\n", " ") for m in methods],
+                      fontsize=5, rotation=90)
     else:
-        ax_bar.set_xticks(x, [method_short(m) for m in methods], fontsize=5)
-    ax_bar.set_ylim(0, max(1, max(met or [0])) * 1.35)
-    ax_bar.set_title("met again / solved")
-    ax_bar.set_ylabel("prompts (all seeds)")
-    ax_bar.legend(fontsize=5, frameon=False, loc="upper left")
-    ax_bar.grid(axis="x", visible=False)
-    # (b) distilled cliffs accumulated over training (the expansion), per method
+        ax.set_xticks(x, [method_short(m) for m in methods], fontsize=5)
+    ax.set_ylim(0, max(1, max(met or [0])) * 1.35)
+    ax.set_title("met again / solved")
+    ax.set_ylabel("prompts (all seeds)")
+    ax.legend(fontsize=5, frameon=False, loc="upper left")
+    ax.grid(axis="x", visible=False)
+
+
+def _distilled_panel(ax, ledger: pd.DataFrame, methods, styles) -> None:
+    """Distilled cliffs accumulated over training (the expansion), per method."""
     drawn = False
     for m in methods:
-        mine = ledger[(ledger["method"] == m)]
+        mine = ledger[ledger["method"] == m]
         if mine.empty:
             continue
         per_step = mine.groupby(["seed", "step"])["distilled"].sum().groupby("step").mean().sort_index()
-        ax_cum.plot(per_step.index, per_step.cumsum().to_numpy(), **styles[m])
+        ax.plot(per_step.index, per_step.cumsum().to_numpy(), **styles[m])
         drawn = True
     if not drawn:
-        _no_data(ax_cum)
-    ax_cum.set_title("distilled cliffs")
-    ax_cum.set_xlabel("training step")
-    ax_cum.set_ylabel("prompts, cumulative\n(mean over seeds)")
-    ax_cum.xaxis.set_major_locator(MaxNLocator(integer=True))
-    # (c) the teacher's mass outside its top-k on kept tokens, per distilled prompt (ECDF)
+        _no_data(ax)
+    ax.set_title("distilled cliffs")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("prompts, cumulative\n(mean over seeds)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _tail_mass_panel(ax, ledger: pd.DataFrame, methods, styles, topk: int) -> None:
+    """The teacher's mass outside its top-k on kept tokens, per distilled prompt (ECDF)."""
     drawn = False
     for m in methods:
-        vals = np.sort(ledger.loc[(ledger["method"] == m), "tail_mean"].dropna().to_numpy())
+        vals = np.sort(ledger.loc[ledger["method"] == m, "tail_mean"].dropna().to_numpy())
         if vals.size == 0:
             continue
-        ax_tail.step(vals, np.arange(1, vals.size + 1) / vals.size, where="post", **styles[m])
+        ax.step(vals, np.arange(1, vals.size + 1) / vals.size, where="post", **styles[m])
         drawn = True
     if not drawn:
-        _no_data(ax_tail, "no kept privileged rollouts")
-    ax_tail.set_title(f"mass outside top-{cfg.hdpo.topk_logits_k}")
-    ax_tail.set_xlabel("mean tail mass per prompt")
-    ax_tail.set_ylabel("fraction of prompts (ECDF)")
-    _legend_below(fig, methods, styles, ncol=min(len(methods), 5))
-    fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
-    return fig
+        _no_data(ax, "no kept privileged rollouts")
+    ax.set_title(f"mass outside top-{topk}")
+    ax.set_xlabel("mean tail mass per prompt")
+    ax.set_ylabel("fraction of prompts (ECDF)")
 
 
 def _errorbar(ax, x, y, low, high, **kw):
@@ -372,7 +394,6 @@ def _fig_lambda_sweep(cfg: Config, results_dir: Path):
     """Accuracy against lambda: one line per teacher from GRPO (lambda = 0), at the final step with its interval
     (filled) and the optimistic best (hollow); the paper's best as crosses."""
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
     iv = interval_frame(cfg, results_dir)
     specs = methods_of(cfg)
     base = baseline_of(cfg)
@@ -381,7 +402,6 @@ def _fig_lambda_sweep(cfg: Config, results_dir: Path):
     lambdas = sorted({s["distill_weight"] for s in specs.values() if s["distill_weight"] is not None})
     pos = {lam: i for i, lam in enumerate(lambdas)}
     teachers = sorted({s["teacher"] for s in specs.values() if s["teacher"]})
-    colors = {"frozen": "#0072B2", "drifting": "#D55E00"}
     fig = Figure(figsize=(DOUBLE_COLUMN_IN, 2.6), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
@@ -389,29 +409,11 @@ def _fig_lambda_sweep(cfg: Config, results_dir: Path):
         for t_i, teacher in enumerate(teachers):
             members = [m for m, s in specs.items() if s["teacher"] == teacher] + ([base] if base else [])
             members.sort(key=lambda m: specs[m]["distill_weight"])
-            color = colors.get(teacher, "0.4")
-            off = (t_i - (len(teachers) - 1) / 2) * 0.08
-            for sel, filled in (("final", True), ("best", False)):
-                xs, ys = [], []
-                for m in members:
-                    r = iv[(iv["method"] == m) & (iv["selection"] == sel) & (iv["metric"] == metric)]
-                    if r.empty:
-                        continue
-                    r = r.iloc[0]
-                    x = pos[specs[m]["distill_weight"]] + off
-                    xs.append(x)
-                    ys.append(r["estimate"])
-                    _errorbar(ax, x, r["estimate"], r["low"], r["high"], color=color, marker="o", markersize=3.5,
-                              markerfacecolor=color if filled else "white")
-                if xs:
-                    drawn = True
-                    ax.plot(xs, ys, color=color, linestyle="-" if filled else ":", linewidth=0.9)
-            for m in members:
-                for source, mk in zip(SOURCES, ("x", "+")):
-                    v = paper_value(source, m, metric)
-                    if v is not None:
-                        ax.plot(pos[specs[m]["distill_weight"]] + off, v, marker=mk, color=color, linestyle="none",
-                                markersize=4)
+            off = (t_i - (len(teachers) - 1) / 2) * 0.08  # the teachers side by side at each lambda
+            points = [(m, pos[specs[m]["distill_weight"]] + off) for m in members]
+            color = TEACHER_COLORS.get(teacher, "0.4")
+            drawn |= _lambda_lines(ax, iv, metric, points, color)
+            _paper_points(ax, metric, points, color)
         if not drawn:
             _no_data(ax, "no per-problem validation records yet")
         ax.set_xticks(range(len(lambdas)), [f"{lam:g}" for lam in lambdas])
@@ -419,7 +421,43 @@ def _fig_lambda_sweep(cfg: Config, results_dir: Path):
         ax.set_xlabel("λ (distill_weight; 0 = GRPO)")
         ax.set_title(f"validation {metric_label(metric)}")
     axes[0].set_ylabel("accuracy [95% interval]")
-    handles = [Line2D([], [], color=colors.get(t, "0.4"), marker="o") for t in teachers]
+    _lambda_legend(fig, teachers)
+    return fig
+
+
+def _lambda_lines(ax, iv: pd.DataFrame, metric: str, points, color) -> bool:
+    """One teacher's methods at their x (`points`: (method, x)): the final step filled on a solid line, the best
+    step hollow on a dotted one, each with its interval; False if none has a value."""
+    drawn = False
+    for sel, filled in (("final", True), ("best", False)):
+        xs, ys = [], []
+        for m, x in points:
+            r = iv[(iv["method"] == m) & (iv["selection"] == sel) & (iv["metric"] == metric)]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            xs.append(x)
+            ys.append(r["estimate"])
+            _errorbar(ax, x, r["estimate"], r["low"], r["high"], color=color, marker="o", markersize=3.5,
+                      markerfacecolor=color if filled else "white")
+        if xs:
+            drawn = True
+            ax.plot(xs, ys, color=color, linestyle="-" if filled else ":", linewidth=0.9)
+    return drawn
+
+
+def _paper_points(ax, metric: str, points, color) -> None:
+    """The paper's values of the methods at their x (`points`: (method, x)), one marker per source."""
+    for m, x in points:
+        for source, mk in zip(SOURCES, ("x", "+")):
+            v = paper_value(source, m, metric)
+            if v is not None:
+                ax.plot(x, v, marker=mk, color=color, linestyle="none", markersize=4)
+
+
+def _lambda_legend(fig, teachers) -> None:
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=TEACHER_COLORS.get(t, "0.4"), marker="o") for t in teachers]
     handles += [Line2D([], [], color="0.3", marker="o", linestyle="-"),
                 Line2D([], [], color="0.3", marker="o", markerfacecolor="white", linestyle=":"),
                 Line2D([], [], color="0.3", marker="x", linestyle="none"),
@@ -428,7 +466,6 @@ def _fig_lambda_sweep(cfg: Config, results_dir: Path):
                                                     "paper 8×H100"]
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), bbox_to_anchor=(0.5, 0.0))
     fig.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
-    return fig
 
 
 def _fig_forest(cfg: Config, results_dir: Path):
@@ -486,19 +523,67 @@ def _fig_benchmarks(cfg: Config, results_dir: Path):
     """Bars per method and checkpoint (the untrained model first); error bars are 95% intervals where the
     per-problem samples exist, else ± 1 std over seeds; a value of exactly 0 gets a visible tick and a '0'."""
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
     tidy = benchmarks_frame(cfg, results_dir)
     ci = bench_interval_frame(cfg, results_dir)
-    ci_cells = {(r.method, r.benchmark, r.checkpoint, r.metric): (r.estimate, r.low, r.high)
-                for r in ci.itertuples(index=False)}
-    untrained = {(r.method, r.benchmark, r.checkpoint) for r in ci.itertuples(index=False)
-                 if r.untrained and r.method != BASE}
-    untrained |= {(r.method, r.benchmark, r.checkpoint) for r in tidy.itertuples(index=False)
-                  if r.method != BASE and r.model_step == 0}
+    cells = _BenchCells(summarize(tidy, ["method", "benchmark", "checkpoint", "metric"]),
+                        {(r.method, r.benchmark, r.checkpoint, r.metric): (r.estimate, r.low, r.high)
+                         for r in ci.itertuples(index=False)},
+                        _untrained_checkpoints(tidy, ci))
     methods = [BASE] + list(cfg.experiment.methods)
     styles = method_styles(cfg)
     benches = list(cfg.experiment.benchmarks) or ["(none)"]
     ckpts = list(cfg.experiment.checkpoints)
+    metrics = _benchmark_metrics(cfg, tidy)
+    height = 1.55 * len(metrics) + 0.7
+    fig = Figure(figsize=(DOUBLE_COLUMN_IN, height), layout="constrained")
+    axes = fig.subplots(len(metrics), len(benches), squeeze=False, sharex=True)
+    for r, metric in enumerate(metrics):
+        for c, bench in enumerate(benches):
+            ax = axes[r][c]
+            _benchmark_bars(ax, cells, methods, ckpts, bench, metric, styles)
+            if r == 0:
+                ax.set_title(benchmark_label(bench))
+            if c == 0:
+                ax.set_ylabel(f"{metric_label(metric)} (fraction)")
+            ax.set_xticks(np.arange(len(methods)), [method_short(m) for m in methods])
+            ax.set_xlim(-0.5, len(methods) - 0.5)
+            ax.grid(axis="x", visible=False)
+    for ax in axes[-1]:
+        ax.tick_params(axis="x", labelsize=6)
+    _checkpoint_legend(fig, cfg, ckpts, height)
+    return fig
+
+
+@dataclass(frozen=True)
+class _BenchCells:
+    """The benchmark results behind the bars, each keyed by (method, benchmark, checkpoint[, metric])."""
+    over_seeds: dict  # mean and std over seeds (`summarize`)
+    intervals: dict  # (estimate, low, high) where the per-problem samples exist
+    untrained: set  # checkpoints that are the step-0 model
+
+    def bar(self, key: tuple) -> Optional[tuple[float, Optional[list], float]]:
+        """(height, error bar, top of the error bar), or None without a result."""
+        cell = self.over_seeds.get(key)
+        if cell is None:
+            return None
+        if key in self.intervals:
+            est, lo, hi = self.intervals[key]
+            return est, [[max(0.0, est - lo)], [max(0.0, hi - est)]], hi
+        sd = cell.std if cell.n > 1 and not math.isnan(cell.std) else 0.0
+        return cell.mean, [[sd], [sd]] if sd else None, cell.mean + sd
+
+
+def _untrained_checkpoints(tidy: pd.DataFrame, ci: pd.DataFrame) -> set:
+    """(method, benchmark, checkpoint) of the trained methods whose checkpoint is the step-0 model (a "best"
+    that never improved)."""
+    untrained = {(r.method, r.benchmark, r.checkpoint) for r in ci.itertuples(index=False)
+                 if r.untrained and r.method != BASE}
+    return untrained | {(r.method, r.benchmark, r.checkpoint) for r in tidy.itertuples(index=False)
+                        if r.method != BASE and r.model_step == 0}
+
+
+def _benchmark_metrics(cfg: Config, tidy: pd.DataFrame) -> list[str]:
+    """pass@1 (else the smallest k evaluated), the largest k, and greedy accuracy when evaluated."""
     ks = sorted({int(m[5:]) for m in tidy["metric"] if m.startswith("pass@")}) if not tidy.empty else []
     ks = ks or list(cfg.eval.pass_k)
     metrics = ["pass@1" if 1 in ks else f"pass@{ks[0]}"]
@@ -506,67 +591,57 @@ def _fig_benchmarks(cfg: Config, results_dir: Path):
         metrics.append(f"pass@{max(ks)}")
     if cfg.eval.greedy:
         metrics.append("greedy_acc")
-    agg = summarize(tidy, ["method", "benchmark", "checkpoint", "metric"])
-    fig = Figure(figsize=(DOUBLE_COLUMN_IN, 1.55 * len(metrics) + 0.7), layout="constrained")
-    axes = fig.subplots(len(metrics), len(benches), squeeze=False, sharex=True)
+    return metrics
+
+
+def _benchmark_bars(ax, cells: _BenchCells, methods, ckpts, bench: str, metric: str, styles) -> None:
+    """One panel: a group of bars per method (one per checkpoint; the untrained model one), y up to the highest
+    error bar."""
     x = np.arange(len(methods))
     width = 0.8 / max(1, len(ckpts))
-    hatches = ["", "////", "..", "xx"]
-    alphas = [1.0, 0.55, 0.35, 0.25]
-    for r, metric in enumerate(metrics):
-        for c, bench in enumerate(benches):
-            ax = axes[r][c]
-            drawn, top = False, 0.0
-            for i, method in enumerate(methods):
-                bars = [("base", 0, 0.0)] if method == BASE else [
-                    (ckpt, j, (j - (len(ckpts) - 1) / 2) * width) for j, ckpt in enumerate(ckpts)]
-                for ckpt, j, off in bars:
-                    key = (method, bench, ckpt, metric)
-                    cell = agg.get(key)
-                    if cell is None:
-                        continue
-                    drawn = True
-                    color = styles[method]["color"]
-                    if key in ci_cells:
-                        est, lo, hi = ci_cells[key]
-                        yerr = [[max(0.0, est - lo)], [max(0.0, hi - est)]]
-                        top = max(top, hi)
-                    else:
-                        est = cell.mean
-                        sd = cell.std if cell.n > 1 and not math.isnan(cell.std) else 0.0
-                        yerr = [[sd], [sd]] if sd else None
-                        top = max(top, est + sd)
-                    ax.bar(x[i] + off, est, width * 0.92, color=color, alpha=alphas[j % len(alphas)],
-                           hatch=hatches[j % len(hatches)], edgecolor="white" if j == 0 else color,
-                           yerr=yerr, error_kw={"elinewidth": 0.7, "capsize": 1.5})
-                    if (method, bench, ckpt) in untrained:  # a "best" that is the step-0 model
-                        ax.text(x[i] + off, est + 0.02, "step 0", ha="center", va="bottom", fontsize=4.5,
-                                rotation=90, color="0.3")
-                    if est == 0:  # a zero-height bar is invisible: draw its floor and say 0
-                        ax.plot([x[i] + off - width * 0.4, x[i] + off + width * 0.4], [0, 0], color=color,
-                                linewidth=2.0, solid_capstyle="butt", clip_on=False, zorder=4)
-                        ax.text(x[i] + off, 0.01, "0", ha="center", va="bottom", fontsize=5, color=color)
-            if not drawn:
-                _no_data(ax)
-            ax.set_ylim(0, min(1.0, max(0.05, 1.2 * top)))
-            if r == 0:
-                ax.set_title(benchmark_label(bench))
-            if c == 0:
-                ax.set_ylabel(f"{metric_label(metric)} (fraction)")
-            ax.set_xticks(x, [method_short(m) for m in methods])
-            ax.set_xlim(-0.5, len(methods) - 0.5)
-            ax.grid(axis="x", visible=False)
-    for ax in axes[-1]:
-        ax.tick_params(axis="x", labelsize=6)
-    handles = [Patch(facecolor="0.35", alpha=alphas[j % len(alphas)], hatch=hatches[j % len(hatches)],
-                     edgecolor="white" if j == 0 else "0.35") for j in range(len(ckpts))]
+    drawn, top = False, 0.0
+    for i, method in enumerate(methods):
+        bars = [("base", 0, 0.0)] if method == BASE else [
+            (ckpt, j, (j - (len(ckpts) - 1) / 2) * width) for j, ckpt in enumerate(ckpts)]
+        for ckpt, j, off in bars:
+            bar = cells.bar((method, bench, ckpt, metric))
+            if bar is None:
+                continue
+            drawn = True
+            est, yerr, high = bar
+            top = max(top, high)
+            _benchmark_bar(ax, x[i] + off, est, yerr, width, j, styles[method]["color"],
+                           step0=(method, bench, ckpt) in cells.untrained)
+    if not drawn:
+        _no_data(ax)
+    ax.set_ylim(0, min(1.0, max(0.05, 1.2 * top)))
+
+
+def _benchmark_bar(ax, x: float, est: float, yerr, width: float, j: int, color, step0: bool) -> None:
+    """Checkpoint j's bar at x, marked 'step 0' when it is the untrained model; a zero drawn as a zero."""
+    ax.bar(x, est, width * 0.92, color=color, alpha=CHECKPOINT_ALPHAS[j % len(CHECKPOINT_ALPHAS)],
+           hatch=CHECKPOINT_HATCHES[j % len(CHECKPOINT_HATCHES)], edgecolor="white" if j == 0 else color,
+           yerr=yerr, error_kw={"elinewidth": 0.7, "capsize": 1.5})
+    if step0:  # a "best" that is the step-0 model
+        ax.text(x, est + 0.02, "step 0", ha="center", va="bottom", fontsize=4.5, rotation=90, color="0.3")
+    if est == 0:  # a zero-height bar is invisible: draw its floor and say 0
+        ax.plot([x - width * 0.4, x + width * 0.4], [0, 0], color=color, linewidth=2.0, solid_capstyle="butt",
+                clip_on=False, zorder=4)
+        ax.text(x, 0.01, "0", ha="center", va="bottom", fontsize=5, color=color)
+
+
+def _checkpoint_legend(fig, cfg: Config, ckpts, height: float) -> None:
+    """One patch per checkpoint above the panels, in the hatch and shade its bars have."""
+    from matplotlib.patches import Patch
+    handles = [Patch(facecolor="0.35", alpha=CHECKPOINT_ALPHAS[j % len(CHECKPOINT_ALPHAS)],
+                     hatch=CHECKPOINT_HATCHES[j % len(CHECKPOINT_HATCHES)], edgecolor="white" if j == 0 else "0.35")
+               for j in range(len(ckpts))]
     best_metric = getattr(cfg.checkpoint, "best_metric", "pass@1")
     labels = [f"{ckpt} checkpoint" + (f" (best validation {best_metric})" if ckpt == "best" else
                                       " (last step)" if ckpt == "final" else "") for ckpt in ckpts]
     if handles:
         fig.legend(handles, labels, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 1.0))
-        fig.get_layout_engine().set(rect=(0, 0, 1, 1 - 0.3 / (1.55 * len(metrics) + 0.7)))
-    return fig
+        fig.get_layout_engine().set(rect=(0, 0, 1, 1 - 0.3 / height))
 
 
 _FIGURES = {"val_passk": _fig_val_passk, "training": _fig_training, "cliffs": _fig_cliffs,
