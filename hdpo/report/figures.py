@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import matplotlib.style
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from hdpo.config import Config
@@ -62,14 +66,12 @@ def _mean_band(frame: pd.DataFrame, value: str) -> pd.DataFrame:
 
 
 def _legend_below(fig, methods, styles, ncol: int) -> None:
-    from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=styles[m]["color"], linestyle=styles[m]["linestyle"]) for m in methods]
     fig.legend(handles, [method_label(m) for m in methods], loc="lower center", ncol=ncol,
                bbox_to_anchor=(0.5, 0.0))
 
 
 def _fig_val_passk(cfg: Config, results_dir: Path):
-    from matplotlib.figure import Figure
     val = val_frame(cfg, results_dir)
     ks = [f"pass@{k}" for k in cfg.eval.pass_k]
     methods = list(cfg.experiment.methods)
@@ -107,7 +109,6 @@ def _smooth(values: pd.Series, window: int) -> pd.Series:
 
 
 def _fig_cliffs(cfg: Config, results_dir: Path):
-    from matplotlib.figure import Figure
     train = train_frame(cfg, results_dir, ["cliff_fraction", "teacher_pass_rate"])
     methods = list(cfg.experiment.methods)
     styles = method_styles(cfg)
@@ -165,7 +166,6 @@ PHASES = ("rollout", "reward", "privileged", "teacher", "update")
 
 
 def _fig_training(cfg: Config, results_dir: Path):
-    from matplotlib.figure import Figure
     keys = ["reward/mean", "loss/grpo", "loss/jsd", "privileged/kept", "tokens/grpo",
             "logprob/sampler_vs_trainer_abs_diff"] + [f"time/{p}" for p in PHASES]
     train = train_frame(cfg, results_dir, keys)
@@ -230,7 +230,6 @@ def _time_bars(ax, train: pd.DataFrame, methods, styles) -> list:
 
 
 def _fig_cliff_recovery(cfg: Config, results_dir: Path):
-    from matplotlib.figure import Figure
     ledger = ledger_frame(cfg, results_dir)
     methods = list(cfg.experiment.methods)
     styles = method_styles(cfg)
@@ -355,7 +354,6 @@ def _errorbar(ax, x, y, low, high, **kw):
 
 
 def _fig_passk_curve(cfg: Config, results_dir: Path):
-    from matplotlib.figure import Figure
     iv = interval_frame(cfg, results_dir)
     methods = list(cfg.experiment.methods)
     styles = method_styles(cfg)
@@ -393,7 +391,6 @@ def _fig_passk_curve(cfg: Config, results_dir: Path):
 def _fig_lambda_sweep(cfg: Config, results_dir: Path):
     """Accuracy against lambda: one line per teacher from GRPO (lambda = 0), at the final step with its interval
     (filled) and the optimistic best (hollow); the paper's best as crosses."""
-    from matplotlib.figure import Figure
     iv = interval_frame(cfg, results_dir)
     specs = methods_of(cfg)
     base = baseline_of(cfg)
@@ -456,7 +453,6 @@ def _paper_points(ax, metric: str, points, color) -> None:
 
 
 def _lambda_legend(fig, teachers) -> None:
-    from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=TEACHER_COLORS.get(t, "0.4"), marker="o") for t in teachers]
     handles += [Line2D([], [], color="0.3", marker="o", linestyle="-"),
                 Line2D([], [], color="0.3", marker="o", markerfacecolor="white", linestyle=":"),
@@ -471,8 +467,6 @@ def _lambda_legend(fig, teachers) -> None:
 def _fig_forest(cfg: Config, results_dir: Path):
     """One row per method, one panel per metric: method − GRPO, paired, 95% interval, per selection; the paper's
     single-seed differences as hollow markers."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
     diffs = difference_frame(cfg, results_dir)
     base = baseline_of(cfg)
     methods = [m for m in cfg.experiment.methods if m != base]
@@ -522,7 +516,6 @@ def _fig_forest(cfg: Config, results_dir: Path):
 def _fig_benchmarks(cfg: Config, results_dir: Path):
     """Bars per method and checkpoint (the untrained model first); error bars are 95% intervals where the
     per-problem samples exist, else ± 1 std over seeds; a value of exactly 0 gets a visible tick and a '0'."""
-    from matplotlib.figure import Figure
     tidy = benchmarks_frame(cfg, results_dir)
     ci = bench_interval_frame(cfg, results_dir)
     cells = _BenchCells(summarize(tidy, ["method", "benchmark", "checkpoint", "metric"]),
@@ -632,7 +625,6 @@ def _benchmark_bar(ax, x: float, est: float, yerr, width: float, j: int, color, 
 
 def _checkpoint_legend(fig, cfg: Config, ckpts, height: float) -> None:
     """One patch per checkpoint above the panels, in the hatch and shade its bars have."""
-    from matplotlib.patches import Patch
     handles = [Patch(facecolor="0.35", alpha=CHECKPOINT_ALPHAS[j % len(CHECKPOINT_ALPHAS)],
                      hatch=CHECKPOINT_HATCHES[j % len(CHECKPOINT_HATCHES)], edgecolor="white" if j == 0 else "0.35")
                for j in range(len(ckpts))]
@@ -652,7 +644,6 @@ _FIGURES = {"val_passk": _fig_val_passk, "training": _fig_training, "cliffs": _f
 def write_figures(cfg: Config, results_dir: str | Path, out_dir: str | Path,
                   names: tuple[str, ...] = FIGURE_NAMES) -> list[Path]:
     """Write <name>.png and <name>.pdf for each figure under out_dir; return the paths."""
-    import matplotlib.style
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods_of(cfg)  # registers the methods' labels

@@ -13,6 +13,7 @@ Precision follows the interval (hdpo.stats.decimals_for): 4 problems never print
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ SELECTION_NOTES = {
     "held-out": "held-out: the step chosen on one half of the validation problems, scored on the other half",
     "step 0": "the untrained model",
 }
+
+log = logging.getLogger(__name__)
 
 
 GREEDY_VS_PASS1 = "greedy acc. vs pass@1"
@@ -353,9 +356,7 @@ def cliff_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
                 try:
                     records.append({"method": method, "seed": int(seed), **ledger_summary(rows), **probe_cols})
                 except (KeyError, TypeError) as err:
-                    import logging
-                    logging.getLogger(__name__).warning("%s cliffs.jsonl: bad ledger (%s); skipped",
-                                                        run_name(method, seed), err)
+                    log.warning("%s cliffs.jsonl: bad ledger (%s); skipped", run_name(method, seed), err)
     cols = ["method", "seed", "prompts", "cliffs", "selected", "distilled", "reinjected", "privileged_generated",
             "privileged_kept", "teacher_pass_rate", "tail_mass_mean", "former_cliffs", "met_again", "solved_again",
             "probe_step", "probe_problems", "probe_solved"]
