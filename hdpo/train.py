@@ -37,7 +37,8 @@ from hdpo import ledger as cliff_ledger
 from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
-from hdpo.generation import Rollout, Sampling, Speculation, follow_seed, make_generator, prompt_seeds
+from hdpo.generation import Rollout, Sampling, Speculation, follow_seed, prompt_seeds
+from hdpo.generators import make_generator
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
 from hdpo.losses import leave_one_out_advantages
 from hdpo.models import (autocast, default_device, dynamic_shape_attention, eval_mode, load_model, load_tokenizer,
