@@ -180,7 +180,7 @@ def attention_ratio(rows: int, new: int) -> dict:
     return res
 
 
-# --- baseline: the full-logits path the trainer used before chunking. hdpo.train.response_logits and
+# --- baseline: the full-logits path the trainer used before chunking. hdpo.logprobs.response_logits and
 # hdpo.losses.token_logprobs stay in the package as the reference the chunked path is tested equal to.
 
 def baseline_grpo_microbatch(model, chunk, n_grpo, amp):
