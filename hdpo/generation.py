@@ -351,12 +351,3 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def __getattr__(name: str):
-    """Temporary, until hdpo/train.py imports `make_generator` from its new home, hdpo.generators."""
-    if name == "make_generator":
-        from hdpo.generators import make_generator
-
-        return make_generator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
