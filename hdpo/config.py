@@ -22,6 +22,8 @@ from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
+from hdpo.field_mapping import DataError, mapping_of
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -43,8 +45,8 @@ def key(default: Any = dataclasses.MISSING, doc: str = "", *, paper: bool = Fals
 @dataclass
 class DatasetSpec:
     """One dataset: where it comes from (`path` wins; else `file` inside $HDPO_DATA_DIR; else the Hub) and how
-    its rows map to problems. A `format` is a preset of the mapping keys (hdpo.data.PRESETS); a key set here wins
-    over the preset's."""
+    its rows map to problems. A `format` is a preset of the mapping keys (hdpo.field_mapping.PRESETS); a key set
+    here wins over the preset's."""
     format: Optional[str] = key(None, "preset of the field mapping (openmathinstruct2, math500, aime, gsm8k, "
                                       "svamp, asdiv, mawps); null: only the keys below")
     hub_id: Optional[str] = key(None, "Hugging Face Hub dataset id, used when no local file is found")
@@ -465,8 +467,6 @@ def _check(cfg: Config) -> None:
     need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
     for i, b in enumerate(cfg.experiment.benchmarks):
         need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")
-    from hdpo.data import DataError, mapping_of  # data imports this module: import here
-
     for where, spec in ([(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
                         + [(f"benchmarks.{n}", s) for n, s in cfg.benchmarks.items()]):
         need(spec.limit is None or spec.limit >= 1, f"{where}.limit", "must be >= 1 or null")
