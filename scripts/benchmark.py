@@ -231,7 +231,7 @@ def _small_model(vocab, hidden, layers, device):
 
 def memory_case(case: str, impl: str, vocab: int, seqs: int, prompt_len: int, resp_len: int, k: int) -> dict:
     """Extra peak memory of one case (bytes above what was allocated when it started)."""
-    from hdpo.logprobs import chunked_token_logprobs, chunked_topk_jsd, output_projection, response_hidden
+    from hdpo.logprobs import chunked_token_logprobs, chunked_topk_jsd
     from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

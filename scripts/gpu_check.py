@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402  (scripts/benchmark.py: the baseline copy of today's code)
 
 from hdpo.config import load_config  # noqa: E402
-from hdpo.preflight import GIB, TINY_TOKEN_BUDGET, measure_update, model_shape, random_model  # noqa: E402
+from hdpo.preflight import TINY_TOKEN_BUDGET, measure_update, model_shape, random_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -135,7 +135,6 @@ def train(root: Path, name: str, fault: str | None = None) -> int:
 
 
 def compare(root: Path, a: str, b: str) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     from hdpo.io import read_jsonl
