@@ -1,29 +1,82 @@
-"""Uncertainty for the report: bootstrap intervals over problems (and seeds), paired differences against a
-baseline, a paired sign-flip test, and the number of decimals an interval justifies. Pure functions (numpy in,
-numbers out), no I/O; every resampling takes an explicit seed so a report is reproducible.
+"""Uncertainty for the report: intervals, paired differences and their p-values for a crossed design of seeds
+and problems, the power of such a design, and the number of decimals an interval justifies. Pure functions
+(numpy in, numbers out), no I/O.
 
 Data layout: a score matrix `values[s, p]` = one run's score on problem p (e.g. the unbiased pass@k of that
 problem from its n samples, or the greedy reward) for seed s. Two methods are *paired* when their matrices
 share seeds and problems: the same validation problems under the same seed.
+
+The model. Every seed scores the same problems, so the design is crossed:
+    x[s, p] = mu + a_s + b_p + e_sp,   a ~ (0, var_seed), b ~ (0, var_problem), e ~ (0, var_residual)
+(for a paired difference: a_s = how much this seed's pair of runs differs, b_p = how much more the method
+solves problem p whatever the seed, e_sp = the rest, sampling noise of the n samples included). The grand mean
+then has variance var_seed / S + var_problem / P + var_residual / (S P). Both the interval and the p-value
+come from this one estimate: the two-way ANOVA mean squares give the components (method of moments, each
+truncated at 0), their sum the variance of the mean, and Satterthwaite's approximation its degrees of freedom,
+so interval = estimate +- t(df) se and p = the two-sided t-test of the same estimate; the p-value is below
+alpha exactly when the (1 - alpha) interval excludes 0. With S = 2 or 3 seeds df is close to S - 1 whenever
+the seeds' spread matters, and the interval is as wide as two or three runs warrant.
+
+With one seed the seed variance is not identifiable (nothing varies across seeds): the interval and p-value
+then count problems only, which answers "is this pair of runs different on this problem distribution", not
+"is the method different". `Interval.seeds_counted` says which; the report marks such intervals.
+Calibration of both, by simulation from a two-level model with known truth: hdpo.calibration and
+scripts/calibrate_stats.py.
+
+The two-level bootstrap and the sign-flip test below are the previous method (the bootstrap undercovers with
+2-5 seeds: a resample of 3 seeds has at most 10 distinct compositions, and its variance is (S-1)/S of the
+truth; the sign-flip over per-problem means ignores the seed variance altogether), kept so the calibration
+can show what they do.
 """
 from __future__ import annotations
 
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+PROBLEMS_ONLY = "problems only; seed variance not estimable from one seed"
+PROBLEMS_AND_SEEDS = "problems and seeds"
+
+
+@dataclass(frozen=True)
+class Components:
+    """Variance components of a [seeds, problems] matrix (method of moments, each >= 0). With one seed `seed`
+    and `residual` are NaN and `problem` holds problem + residual (they cannot be told apart)."""
+    seed: float
+    problem: float
+    residual: float
+    n_seeds: int
+    n_problems: int
+
+    @property
+    def seeds_counted(self) -> bool:
+        return self.n_seeds > 1
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with a (1 - alpha) interval, and for differences the paired test's p-value."""
+    """A point estimate with a (1 - alpha) interval; for differences the p-value of the same t statistic.
+    `seeds_counted`: False when one seed made the seed variance unestimable (problems only)."""
     estimate: float
     low: float
     high: float
     n_problems: int
     n_seeds: int = 1
     p_value: float = math.nan
+    se: float = math.nan
+    df: float = math.nan
+    components: Optional[Components] = None
+
+    @property
+    def seeds_counted(self) -> bool:
+        return self.n_seeds > 1
+
+    @property
+    def scope(self) -> str:
+        return PROBLEMS_AND_SEEDS if self.seeds_counted else PROBLEMS_ONLY
 
 
 def _matrix(values) -> np.ndarray:
@@ -36,6 +89,195 @@ def _matrix(values) -> np.ndarray:
         raise ValueError("scores must be finite (a missing problem must be dropped from every paired run)")
     return arr
 
+
+# --- Student's t, from the regularized incomplete beta function (no scipy in the environment) ------------------
+
+def _betainc(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Regularized incomplete beta I_x(a, b), elementwise: the continued fraction of Numerical Recipes (6.4) by
+    modified Lentz, on the side of the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where it converges fast."""
+    a, b, x = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(a, b, x))
+    flip = x > (a + 1) / (a + b + 2)
+    a, b, x = np.where(flip, b, a), np.where(flip, a, b), np.where(flip, 1 - x, x)
+    lgamma = np.vectorize(math.lgamma, otypes=[float])
+    with np.errstate(divide="ignore"):
+        log_front = a * np.log(x) + b * np.log1p(-x) - (lgamma(a) + lgamma(b) - lgamma(a + b))
+    tiny = 1e-300
+    c, d = np.ones_like(x), 1 - (a + b) * x / (a + 1)
+    d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+    h = d.copy()
+    for m in range(1, 100000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1 + num / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            step = c * d
+            h = h * step
+        if np.all(np.abs(step - 1) < 1e-15):
+            break
+    out = np.where(x <= 0, 0.0, np.exp(log_front) * h / a)
+    return np.where(flip, 1 - out, out)
+
+
+def t_sf(t, df) -> np.ndarray:
+    """P(T > t) for Student's t with `df` (> 0, may be fractional) degrees of freedom; df = inf: the normal."""
+    t, df = np.broadcast_arrays(np.asarray(t, dtype=float), np.asarray(df, dtype=float))
+    finite = np.isfinite(df)
+    safe_df = np.where(finite, df, 1.0)
+    tail = 0.5 * _betainc(safe_df / 2, 0.5, safe_df / (safe_df + t ** 2))
+    normal = 0.5 * np.vectorize(math.erfc, otypes=[float])(t / math.sqrt(2))
+    upper = np.where(t >= 0, tail, 1 - tail)
+    return np.where(finite, upper, normal)
+
+
+def t_quantile(q: float, df) -> np.ndarray:
+    """The q-quantile (q in (0.5, 1)) of Student's t with `df` degrees of freedom, by bisection on t_sf."""
+    df = np.asarray(df, dtype=float)
+    lo, hi = np.zeros_like(df), np.full_like(df, 1e7)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        above = t_sf(mid, df) > 1 - q  # mid is still below the quantile
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+        if np.all(hi - lo <= 1e-12 * np.maximum(1.0, hi)):
+            break
+    return (lo + hi) / 2
+
+
+# --- the crossed design: variance components, the variance of the grand mean and its degrees of freedom -------
+
+def _mean_squares(arr: np.ndarray) -> tuple[float, float, float]:
+    """Two-way ANOVA without replication: the mean squares of seeds, problems and residual (NaN where there
+    are no degrees of freedom)."""
+    S, P = arr.shape
+    grand = arr.mean()
+    seed_means, problem_means = arr.mean(axis=1), arr.mean(axis=0)
+    nan = math.nan
+    ms_seed = P * float(((seed_means - grand) ** 2).sum()) / (S - 1) if S > 1 else nan
+    ms_problem = S * float(((problem_means - grand) ** 2).sum()) / (P - 1) if P > 1 else nan
+    resid = arr - seed_means[:, None] - problem_means[None, :] + grand
+    ms_resid = float((resid ** 2).sum()) / ((S - 1) * (P - 1)) if S > 1 and P > 1 else nan
+    return ms_seed, ms_problem, ms_resid
+
+
+def variance_components(values) -> Components:
+    """Seed, problem and residual variance of a [seeds, problems] matrix: E[MS_seed] = resid + P seed,
+    E[MS_problem] = resid + S problem, E[MS_resid] = resid, solved and truncated at 0."""
+    arr = _matrix(values)
+    S, P = arr.shape
+    ms_s, ms_p, ms_r = _mean_squares(arr)
+    if S == 1:
+        return Components(math.nan, ms_p, math.nan, S, P)
+    if P == 1:
+        return Components(ms_s, math.nan, math.nan, S, P)
+    return Components(max(0.0, (ms_s - ms_r) / P), max(0.0, (ms_p - ms_r) / S), ms_r, S, P)
+
+
+def _mean_variance(arr: np.ndarray) -> tuple[float, float]:
+    """(variance of the grand mean, Satterthwaite degrees of freedom). The variance is a linear combination of
+    the mean squares, sum c_i MS_i (a component truncated at 0 drops its pair of terms), and its df is
+    (sum c_i MS_i)^2 / sum (c_i MS_i)^2 / df_i, at least 1."""
+    S, P = arr.shape
+    ms_s, ms_p, ms_r = _mean_squares(arr)
+    if S == 1 or P == 1:  # one factor: the plain variance of the mean over the other
+        ms, dof = (ms_p, P - 1) if S == 1 else (ms_s, S - 1)
+        if dof == 0:
+            return math.nan, math.nan
+        return ms / (S * P), float(dof)
+    keep_s, keep_p = ms_s > ms_r, ms_p > ms_r
+    terms = [(ms_s * keep_s, S - 1), (ms_p * keep_p, P - 1), (ms_r * (1 - keep_s - keep_p), (S - 1) * (P - 1))]
+    total = sum(c for c, _ in terms)
+    if total <= 0:
+        return 0.0, math.inf
+    denom = sum(c * c / dof for c, dof in terms)
+    return total / (S * P), max(1.0, total * total / denom) if denom > 0 else math.inf
+
+
+def _t_interval(arr: np.ndarray, alpha: float, bounds: Optional[tuple[float, float]]) -> Interval:
+    """The grand mean with its t interval and the two-sided p-value of mean = 0, from one variance estimate."""
+    S, P = arr.shape
+    est = float(arr.mean())
+    var, df = _mean_variance(arr)
+    se = math.sqrt(var) if math.isfinite(var) else math.nan
+    if not math.isfinite(se):
+        low = high = p = math.nan
+    elif se == 0:  # every cell the same: no spread to estimate
+        low = high = est
+        p = 1.0 if est == 0 else 0.0
+    else:
+        half = float(t_quantile(1 - alpha / 2, df)) * se
+        low, high = est - half, est + half
+        p = float(min(1.0, 2 * t_sf(abs(est) / se, df)))
+    if bounds is not None and math.isfinite(low):
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(est, low, high, P, S, p, se, df, variance_components(arr))
+
+
+def mean_interval(values, alpha: float = 0.05, bounds: Optional[tuple[float, float]] = None) -> Interval:
+    """Grand mean of a [seeds, problems] matrix with its (1 - alpha) t interval, seeds and problems random
+    (problems only with one seed). `bounds`: the range the mean can take (e.g. (0, 1) for a rate), the
+    interval is clipped to it."""
+    return _t_interval(_matrix(values), alpha, bounds)
+
+
+def paired_difference(method, baseline, alpha: float = 0.05) -> Interval:
+    """method - baseline on the same [seeds, problems]: the mean difference, its (1 - alpha) t interval and the
+    two-sided p-value of no difference, both from the crossed model's variance (module docstring)."""
+    a, b = _matrix(method), _matrix(baseline)
+    if a.shape != b.shape:
+        raise ValueError(f"paired runs must share seeds and problems: shapes {a.shape} and {b.shape}")
+    return _t_interval(a - b, alpha, None)
+
+
+# --- power of a design, from measured components ------------------------------------------------------------
+
+def design_variance(c: Components, n_seeds: int, n_problems: int) -> tuple[float, float]:
+    """(variance of the grand mean, its expected Satterthwaite df) for a design of n_seeds x n_problems with
+    the components `c` (one-seed components: seed variance taken as 0 and problem + residual as residual,
+    the smallest variance they allow)."""
+    S, P = n_seeds, n_problems
+    seed, problem, resid = ((0.0, 0.0, c.problem) if not c.seeds_counted else (c.seed, c.problem, c.residual))
+    var = seed / S + problem / P + resid / (S * P)
+    if S == 1:
+        return var, float(P - 1)
+    ems = [(resid + P * seed, S - 1), (resid + S * problem, P - 1), (-resid, (S - 1) * (P - 1))]
+    denom = sum(m * m / dof for m, dof in ems)
+    total = var * S * P
+    return var, max(1.0, total * total / denom) if denom > 0 else math.inf
+
+
+def power(effect: float, c: Components, n_seeds: int, n_problems: int, alpha: float = 0.05) -> float:
+    """Probability that the two-sided t-test at `alpha` rejects "no difference" when the true difference is
+    `effect` (the shifted-t approximation of the noncentral t)."""
+    var, df = design_variance(c, n_seeds, n_problems)
+    if not var > 0:
+        return 1.0 if effect != 0 else alpha
+    crit = float(t_quantile(1 - alpha / 2, df))
+    shift = abs(effect) / math.sqrt(var)
+    return float(t_sf(crit - shift, df) + t_sf(crit + shift, df))
+
+
+def seeds_for_power(effect: float, c: Components, n_problems: int, target: float = 0.8, alpha: float = 0.05,
+                    max_seeds: int = 1000) -> Optional[int]:
+    """The fewest seeds (>= 2: one seed cannot measure the seed variance) that reach `target` power for
+    `effect` on n_problems; None when even max_seeds do not (the problem term alone is too large)."""
+    if effect == 0:
+        return None
+    for s in range(2, max_seeds + 1):
+        if power(effect, c, s, n_problems, alpha) >= target:
+            return s
+    return None
+
+
+def minimum_detectable_effect(c: Components, n_seeds: int, n_problems: int, target: float = 0.8,
+                              alpha: float = 0.05) -> float:
+    """The smallest true difference the design detects with `target` power at `alpha` (two-sided):
+    (t_{1-alpha/2} + t_{target}) se, with df from the design."""
+    var, df = design_variance(c, n_seeds, n_problems)
+    return float((t_quantile(1 - alpha / 2, df) + t_quantile(target, df)) * math.sqrt(var))
+
+
+# --- the previous method, kept for the calibration's comparison -----------------------------------------------
 
 def bootstrap_means(values, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
     """Bootstrap replicates of the grand mean of a [seeds, problems] matrix: seeds resampled with replacement,
@@ -53,13 +295,6 @@ def bootstrap_means(values, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
 def percentile_interval(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     lo, hi = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
-
-
-def mean_interval(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
-    """Grand mean of a [seeds, problems] matrix with its percentile bootstrap interval."""
-    arr = _matrix(values)
-    lo, hi = percentile_interval(bootstrap_means(arr, n_boot, seed), alpha)
-    return Interval(float(arr.mean()), lo, hi, arr.shape[1], arr.shape[0])
 
 
 def sign_flip_p_value(differences, n_perm: int = 10000, seed: int = 0, exact_up_to: int = 16) -> float:
@@ -81,20 +316,6 @@ def sign_flip_p_value(differences, n_perm: int = 10000, seed: int = 0, exact_up_
     return (1 + hits) / (1 + n_perm)
 
 
-def paired_difference(method, baseline, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
-                      n_perm: int = 10000) -> Interval:
-    """method − baseline on the same [seeds, problems]: the mean difference, its paired bootstrap interval
-    (seeds and problems resampled jointly for both), and the sign-flip p-value on the per-problem differences
-    averaged over seeds."""
-    a, b = _matrix(method), _matrix(baseline)
-    if a.shape != b.shape:
-        raise ValueError(f"paired runs must share seeds and problems: shapes {a.shape} and {b.shape}")
-    d = a - b
-    lo, hi = percentile_interval(bootstrap_means(d, n_boot, seed), alpha)
-    p = sign_flip_p_value(d.mean(axis=0), n_perm, seed)
-    return Interval(float(d.mean()), lo, hi, d.shape[1], d.shape[0], p)
-
-
 def decimals_for(low: float, high: float, lo_digits: int = 1, hi_digits: int = 4) -> int:
     """Decimals that show two significant digits of the interval's half-width (0.049 -> 3, 0.3 -> 2), within
     [lo_digits, hi_digits]; a zero-width interval (every problem scored the same) gets 2. So 4 problems never
@@ -112,7 +333,21 @@ def format_interval(iv: Interval, signed: bool = False, digits: int | None = Non
     return f"{iv.estimate:{sign}.{d}f} [{iv.low:{sign}.{d}f}, {iv.high:{sign}.{d}f}]"
 
 
+P_THRESHOLDS = (0.001, 0.01, 0.05)  # conventional levels a printed p must not be rounded across
+
+
 def format_p(p: float) -> str:
+    """Two significant digits (two decimals from 0.1 up), more when rounding would carry p across a
+    conventional level: 0.0496 -> '0.0496', not '0.050' or '0.05'; below 0.001 '<0.001'."""
     if not math.isfinite(p):
         return "–"
-    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+    if p < 0.001:
+        return "<0.001"
+    if p >= 0.1:
+        return f"{p:.2f}"
+    for digits in range(2, 8):
+        decimals = digits - 1 - math.floor(math.log10(p))
+        text = f"{p:.{decimals}f}"
+        if all((float(text) < t) == (p < t) for t in P_THRESHOLDS):
+            return text
+    return repr(p)

@@ -30,7 +30,7 @@ def _pass1(counts, step, n=8):
 
 def test_best_final_and_base_rows_match_the_records(grid):
     cfg, results, counts = grid
-    iv = interval_frame(cfg, results, n_boot=200)
+    iv = interval_frame(cfg, results)
     row = lambda m, sel: iv[(iv["method"] == m) & (iv["selection"] == sel) & (iv["metric"] == "pass@1")].iloc[0]
     for m in cfg.experiment.methods:
         finals = np.stack([_pass1(counts[(m, s)], 40) for s in cfg.experiment.seeds])
@@ -94,24 +94,24 @@ def test_best_over_training_leaves_out_the_untrained_step_unless_configured(tmp_
     best = tidy[(tidy["method"] == "grpo") & (tidy["source"] == "ours") & (tidy["selection"] == "best")]
     assert set(best["step"] == 0) == {include}
     assert set(best["value"] == 1.0) == {include}
-    iv = interval_frame(cfg, results, n_boot=50)
+    iv = interval_frame(cfg, results)
     for sel in ("best", "held-out"):
         steps = set(iv[(iv["method"] == "grpo") & (iv["selection"] == sel)]["steps"])
         assert (steps == {"0"}) == include and ("0" in steps) == include, (sel, steps)
-    diff = difference_frame(cfg, results, n_boot=50)
+    diff = difference_frame(cfg, results)
     best_diff = diff[(diff["selection"] == "best") & (diff["metric"] == "pass@1")]["estimate"].iloc[0]
     assert (best_diff < -0.3) == include  # against a perfect untrained GRPO, HDPO's best looks much worse
 
 
 def test_paired_differences_against_a_direct_computation(grid):
     cfg, results, counts = grid
-    diffs = difference_frame(cfg, results, n_boot=500)
+    diffs = difference_frame(cfg, results)
     assert set(diffs["method"]) == set(cfg.experiment.methods) - {"grpo"}
     r = diffs[(diffs["method"] == "hdpo_frozen_lambda0.1") & (diffs["selection"] == "final")
               & (diffs["metric"] == "pass@1")].iloc[0]
     a = np.stack([_pass1(counts[("hdpo_frozen_lambda0.1", s)], 40) for s in (1, 2)])
     b = np.stack([_pass1(counts[("grpo", s)], 40) for s in (1, 2)])
-    ref = paired_difference(a, b, n_boot=500, seed=0)
+    ref = paired_difference(a, b)
     assert (r["estimate"], r["low"], r["high"], r["p_value"]) == pytest.approx(
         (ref.estimate, ref.low, ref.high, ref.p_value))
     assert r["low"] > 0 and r["p_value"] < 0.01  # the built-in +0.15 effect is found
@@ -128,7 +128,7 @@ def test_tables_mark_the_untrained_best_and_keep_precision_honest(grid, tmp_path
     grpo_row = next(l for l in bench.splitlines() if l.startswith("| GRPO baseline"))
     assert grpo_row.rstrip(" |").endswith("0 (untrained)")  # its best checkpoint is the step-0 model
     assert "| base model (step 0) |" in bench
-    ci = bench_interval_frame(cfg, results, n_boot=200)
+    ci = bench_interval_frame(cfg, results)
     assert bool(ci[(ci["method"] == "grpo") & (ci["checkpoint"] == "best")]["untrained"].all())
     assert not ci[(ci["method"] == "grpo") & (ci["checkpoint"] == "final")]["untrained"].any()
     # 20 benchmark problems: intervals ~ +-0.1, so 2 or 3 decimals, never the 4 of a point estimate

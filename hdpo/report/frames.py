@@ -42,13 +42,14 @@ INTERVAL_SELECTIONS = ("best", "final", "held-out")
 TABLE1_COLUMNS = ["method", "seed", "source", "selection", "metric", "value", "step"]
 BENCH_COLUMNS = ["method", "seed", "checkpoint", "benchmark", "metric", "value", "model_step", "num_problems",
                  "num_samples"]
-INTERVAL_COLUMNS = ["method", "selection", "metric", "estimate", "low", "high", "n_problems", "n_seeds", "steps"]
+# scope: what an interval's uncertainty counts (hdpo.stats: problems and seeds, or problems only with one seed)
+INTERVAL_COLUMNS = ["method", "selection", "metric", "estimate", "low", "high", "n_problems", "n_seeds", "steps",
+                    "scope"]
 DIFF_COLUMNS = ["method", "baseline", "selection", "metric", "estimate", "low", "high", "p_value", "n_problems",
-                "n_seeds", "paper_h200", "paper_h100"]
+                "n_seeds", "scope", "paper_h200", "paper_h100"]
 BENCH_INTERVAL_COLUMNS = ["method", "checkpoint", "benchmark", "metric", "estimate", "low", "high", "n_problems",
-                          "n_seeds", "steps", "untrained"]
-N_BOOT = 2000
-BOOT_SEED = 0
+                          "n_seeds", "steps", "untrained", "scope"]
+RATE = (0.0, 1.0)  # pass@k and accuracy: their intervals are clipped to what a rate can be
 
 
 # --- reading the aggregated files (tolerant: bad input is reported and skipped) -----------------------------------
@@ -424,8 +425,8 @@ def _selected(scores: dict[tuple[str, int], RunScores], method: str, metric: str
     return vecs, steps, report_ids
 
 
-def interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT) -> pd.DataFrame:
-    """Per method, selection and metric: the mean over problems (and seeds) with a 95% bootstrap interval; the
+def interval_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
+    """Per method, selection and metric: the mean over problems (and seeds) with a 95% interval; the
     untrained model as the method `base` (validation at step 0 of the baseline's runs)."""
     scores = val_scores(cfg, results_dir)
     records = []
@@ -441,16 +442,16 @@ def interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT) -
             seeds = sorted(vecs)
             if method == BASE:
                 seeds = seeds[:1]  # the same untrained model whatever the seed
-            iv = mean_interval(np.stack([vecs[s] for s in seeds]), n_boot, seed=BOOT_SEED)
+            iv = mean_interval(np.stack([vecs[s] for s in seeds]), bounds=RATE)
             records.append({"method": method, "selection": selection, "metric": metric, "estimate": iv.estimate,
                             "low": iv.low, "high": iv.high, "n_problems": iv.n_problems, "n_seeds": iv.n_seeds,
-                            "steps": "/".join(str(steps[s]) for s in seeds)})
+                            "steps": "/".join(str(steps[s]) for s in seeds), "scope": iv.scope})
     return pd.DataFrame.from_records(records, columns=INTERVAL_COLUMNS)
 
 
-def difference_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT) -> pd.DataFrame:
+def difference_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     """Every method minus the baseline (GRPO), paired by problem and seed, per selection and metric: mean
-    difference, 95% paired bootstrap interval, sign-flip p-value; beside the paper's method − GRPO."""
+    difference, 95% interval and p-value (hdpo.stats.paired_difference); beside the paper's method − GRPO."""
     scores = val_scores(cfg, results_dir)
     base = baseline_of(cfg)
     records = []
@@ -477,14 +478,14 @@ def difference_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT)
                 A, B = np.stack([a[s] for s in seeds]), np.stack([b[s] for s in seeds])
                 if np.isnan(A).any() or np.isnan(B).any():
                     continue
-                iv = paired_difference(A, B, n_boot, seed=BOOT_SEED)
+                iv = paired_difference(A, B)
                 paper = {}
                 for source in SOURCES:
                     pm, pb = paper_value(source, method, metric), paper_value(source, base, metric)
                     paper[source] = pm - pb if pm is not None and pb is not None else math.nan
                 records.append({"method": method, "baseline": base, "selection": selection, "metric": metric,
                                 "estimate": iv.estimate, "low": iv.low, "high": iv.high, "p_value": iv.p_value,
-                                "n_problems": iv.n_problems, "n_seeds": iv.n_seeds,
+                                "n_problems": iv.n_problems, "n_seeds": iv.n_seeds, "scope": iv.scope,
                                 "paper_h200": paper.get("paper_h200", math.nan),
                                 "paper_h100": paper.get("paper_h100", math.nan)})
     return pd.DataFrame.from_records(records, columns=DIFF_COLUMNS)
@@ -496,9 +497,9 @@ def _eval_path(results_dir: Path, method: str, seed, ckpt: str, bench: str) -> P
     return results_dir / "eval" / run_name(method, seed) / ckpt / f"{bench}.json"
 
 
-def bench_interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_BOOT) -> pd.DataFrame:
+def bench_interval_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     """Per method (and the untrained model), checkpoint, benchmark and metric: the mean over problems (and
-    seeds) with a 95% bootstrap interval, from the per-problem samples; `steps` = the model step of each seed's
+    seeds) with a 95% interval, from the per-problem samples; `steps` = the model step of each seed's
     checkpoint, `untrained` = every seed's checkpoint is the step-0 model."""
     results_dir = Path(results_dir)
     records = []
@@ -526,12 +527,12 @@ def bench_interval_frame(cfg: Config, results_dir: str | Path, n_boot: int = N_B
                 mat = np.stack(rows)
                 if np.isnan(mat).any() or mat.size == 0:
                     continue
-                iv = mean_interval(mat, n_boot, seed=BOOT_SEED)
+                iv = mean_interval(mat, bounds=RATE)
                 steps = [_opt_int(meta.get("model_step")) for meta, _ in per_seed.values()]
                 records.append({"method": method, "checkpoint": ckpt, "benchmark": bench, "metric": metric,
                                 "estimate": iv.estimate, "low": iv.low, "high": iv.high, "n_problems": iv.n_problems,
                                 "n_seeds": iv.n_seeds, "steps": "/".join("?" if s is None else str(s) for s in steps),
-                                "untrained": method == BASE or all(s == 0 for s in steps)})
+                                "untrained": method == BASE or all(s == 0 for s in steps), "scope": iv.scope})
     return pd.DataFrame.from_records(records, columns=BENCH_INTERVAL_COLUMNS)
 
 
