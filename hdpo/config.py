@@ -348,6 +348,11 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): _build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    return _build_scalar(tp, value, key)
+
+
+def _build_scalar(tp: Any, value: Any, key: str) -> Any:
+    """A bool, int, float or str value, checked (a float also from YAML's string form); any other as given."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -391,110 +396,160 @@ def _build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _check(cfg: Config) -> None:
-    """Value checks the types cannot express; each message names its key."""
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
-    g, h, o, e = cfg.grpo, cfg.hdpo, cfg.optimizer, cfg.eval
-    need(g.num_prompts_per_step >= 1, "grpo.num_prompts_per_step", "must be >= 1")
-    need(g.num_generations_per_prompt >= 2, "grpo.num_generations_per_prompt",
-         "must be >= 2 (the leave-one-out baseline needs another rollout)")
-    need(g.max_num_steps >= 0, "grpo.max_num_steps", "must be >= 0")
-    need(g.micro_batch_size >= 1, "grpo.micro_batch_size", "must be >= 1")
-    need(g.micro_batch_tokens is None or g.micro_batch_tokens >= 1, "grpo.micro_batch_tokens", "must be >= 1 or null")
-    need(g.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be >= 1")
-    need(0 <= g.ratio_clip_min < 1, "grpo.ratio_clip_min", "must be in [0, 1)")
-    need(g.ratio_clip_max >= 0, "grpo.ratio_clip_max", "must be >= 0")
-    need(g.token_level_loss, "grpo.token_level_loss", "only the paper's token-level loss is implemented")
-    need(g.reference_policy_kl_penalty == 0.0, "grpo.reference_policy_kl_penalty",
-         "the paper uses beta = 0; a reference-KL term is not implemented")
-    need(h.distill_weight >= 0, "hdpo.distill_weight", "must be >= 0")
-    need(h.topk_logits_k >= 1, "hdpo.topk_logits_k", "must be >= 1")
-    need(h.max_cliff_prompts_per_step >= 0, "hdpo.max_cliff_prompts_per_step", "must be >= 0")
-    need(h.privileged_rollouts_per_prompt is None or h.privileged_rollouts_per_prompt >= 1,
-         "hdpo.privileged_rollouts_per_prompt", "must be >= 1 or null")
-    need(h.reinject_cliffs_after_steps is None or h.reinject_cliffs_after_steps >= 1,
-         "hdpo.reinject_cliffs_after_steps", "must be >= 1 or null")
-    need(h.reinject_max_per_step is None or 1 <= h.reinject_max_per_step <= g.num_prompts_per_step,
-         "hdpo.reinject_max_per_step", "must be in [1, grpo.num_prompts_per_step] or null")
-    need(0 <= h.cliff_reward_sum < g.num_generations_per_prompt, "hdpo.cliff_reward_sum",
-         "must be in [0, grpo.num_generations_per_prompt) (rewards are 0 or 1: below 0 no prompt is ever a cliff, "
-         "at K every prompt is)")
-    need(0 <= h.teacher_min_reward <= 1, "hdpo.teacher_min_reward",
-         "must be in [0, 1] (rewards are 0 or 1: above 1 no privileged rollout is ever kept)")
-    need(o.lr > 0, "optimizer.lr", "must be > 0")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
-    need(o.eps > 0, "optimizer.eps", "must be > 0")
-    need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-    need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
-    need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-    need(0 < o.warmup_start_factor <= 1, "optimizer.warmup_start_factor", "must be in (0, 1]")
-    need(0 < cfg.generation.temperature <= 2, "generation.temperature",
-         "must be in (0, 2] (the trainer's log-probs are of softmax(logits / temperature); vLLM refuses above 2)")
-    need(g.sampler_correction_cap >= 1, "grpo.sampler_correction_cap",
-         "must be >= 1 (a cap below 1 would shrink every token's weight, not only the mismatched ones)")
-    need(cfg.generation.vllm_cpu_kv_cache_gib > 0, "generation.vllm_cpu_kv_cache_gib", "must be > 0")
-    need(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
-    need(cfg.generation.batch_size >= 1, "generation.batch_size", "must be >= 1")
-    need(0 < cfg.generation.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization", "must be in (0, 1]")
-    need(0 < e.temperature <= 2, "eval.temperature",
-         "must be in (0, 2] (greedy accuracy is eval.greedy; vLLM refuses above 2)")
-    need(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
-    # A budget above the sequence length (or <= 0) would let the prompt leave room for ~1 token: every answer
-    # cut short, a meaningless score.
+
+def _check(cfg: Config) -> None:
+    """Value checks the types cannot express, section by section; each message names its key."""
+    for check in (_check_grpo, _check_hdpo, _check_optimizer, _check_sampling, _check_lengths, _check_data,
+                  _check_eval, _check_checkpoint, _check_datasets, _check_experiment, _check_resources):
+        check(cfg)
+
+
+def _check_grpo(cfg: Config) -> None:
+    g = cfg.grpo
+    _need(g.num_prompts_per_step >= 1, "grpo.num_prompts_per_step", "must be >= 1")
+    _need(g.num_generations_per_prompt >= 2, "grpo.num_generations_per_prompt",
+          "must be >= 2 (the leave-one-out baseline needs another rollout)")
+    _need(g.max_num_steps >= 0, "grpo.max_num_steps", "must be >= 0")
+    _need(g.micro_batch_size >= 1, "grpo.micro_batch_size", "must be >= 1")
+    _need(g.micro_batch_tokens is None or g.micro_batch_tokens >= 1, "grpo.micro_batch_tokens",
+          "must be >= 1 or null")
+    _need(g.logprob_chunk_size >= 1, "grpo.logprob_chunk_size", "must be >= 1")
+    _need(0 <= g.ratio_clip_min < 1, "grpo.ratio_clip_min", "must be in [0, 1)")
+    _need(g.ratio_clip_max >= 0, "grpo.ratio_clip_max", "must be >= 0")
+    _need(g.token_level_loss, "grpo.token_level_loss", "only the paper's token-level loss is implemented")
+    _need(g.reference_policy_kl_penalty == 0.0, "grpo.reference_policy_kl_penalty",
+          "the paper uses beta = 0; a reference-KL term is not implemented")
+    _need(g.sampler_correction_cap >= 1, "grpo.sampler_correction_cap",
+          "must be >= 1 (a cap below 1 would shrink every token's weight, not only the mismatched ones)")
+
+
+def _check_hdpo(cfg: Config) -> None:
+    g, h = cfg.grpo, cfg.hdpo
+    _need(h.distill_weight >= 0, "hdpo.distill_weight", "must be >= 0")
+    _need(h.topk_logits_k >= 1, "hdpo.topk_logits_k", "must be >= 1")
+    _need(h.max_cliff_prompts_per_step >= 0, "hdpo.max_cliff_prompts_per_step", "must be >= 0")
+    _need(h.privileged_rollouts_per_prompt is None or h.privileged_rollouts_per_prompt >= 1,
+          "hdpo.privileged_rollouts_per_prompt", "must be >= 1 or null")
+    _need(h.reinject_cliffs_after_steps is None or h.reinject_cliffs_after_steps >= 1,
+          "hdpo.reinject_cliffs_after_steps", "must be >= 1 or null")
+    _need(h.reinject_max_per_step is None or 1 <= h.reinject_max_per_step <= g.num_prompts_per_step,
+          "hdpo.reinject_max_per_step", "must be in [1, grpo.num_prompts_per_step] or null")
+    _need(0 <= h.cliff_reward_sum < g.num_generations_per_prompt, "hdpo.cliff_reward_sum",
+          "must be in [0, grpo.num_generations_per_prompt) (rewards are 0 or 1: below 0 no prompt is ever a cliff, "
+          "at K every prompt is)")
+    _need(0 <= h.teacher_min_reward <= 1, "hdpo.teacher_min_reward",
+          "must be in [0, 1] (rewards are 0 or 1: above 1 no privileged rollout is ever kept)")
+
+
+def _check_optimizer(cfg: Config) -> None:
+    o = cfg.optimizer
+    _need(o.lr > 0, "optimizer.lr", "must be > 0")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas",
+          "must be two numbers in [0, 1)")
+    _need(o.eps > 0, "optimizer.eps", "must be > 0")
+    _need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _need(o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0")
+    _need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    _need(0 < o.warmup_start_factor <= 1, "optimizer.warmup_start_factor", "must be in (0, 1]")
+
+
+def _check_sampling(cfg: Config) -> None:
+    """Rollout and evaluation sampling."""
+    gen, e = cfg.generation, cfg.eval
+    _need(0 < gen.temperature <= 2, "generation.temperature",
+          "must be in (0, 2] (the trainer's log-probs are of softmax(logits / temperature); vLLM refuses above 2)")
+    _need(gen.vllm_cpu_kv_cache_gib > 0, "generation.vllm_cpu_kv_cache_gib", "must be > 0")
+    _need(0 < gen.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+    _need(gen.batch_size >= 1, "generation.batch_size", "must be >= 1")
+    _need(0 < gen.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization", "must be in (0, 1]")
+    _need(0 < e.temperature <= 2, "eval.temperature",
+          "must be in (0, 2] (greedy accuracy is eval.greedy; vLLM refuses above 2)")
+    _need(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+
+
+def _check_lengths(cfg: Config) -> None:
+    """A budget above the sequence length (or <= 0) would let the prompt leave room for ~1 token: every answer
+    cut short, a meaningless score."""
     total = cfg.model.max_total_sequence_length
-    need(total >= 2, "model.max_total_sequence_length", "must be >= 2")
+    _need(total >= 2, "model.max_total_sequence_length", "must be >= 2")
     for name, value in (("generation.max_new_tokens", cfg.generation.max_new_tokens),
-                        ("eval.max_new_tokens", e.max_new_tokens)):
-        need(value is None or 1 <= value < total, name,
-             f"{value} must be >= 1 and below model.max_total_sequence_length={total} (room for the prompt), "
-             "or null")
-    need(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
-    need(len(cfg.data.train) >= 1, "data.train", "needs at least one source")
+                        ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        _need(value is None or 1 <= value < total, name,
+              f"{value} must be >= 1 and below model.max_total_sequence_length={total} (room for the prompt), "
+              "or null")
+
+
+def _check_data(cfg: Config) -> None:
+    _need(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    _need(len(cfg.data.train) >= 1, "data.train", "needs at least one source")
     for name in ("max_val_problems", "max_train_problems"):
         value = getattr(cfg.data, name)
-        need(value is None or value >= 1, f"data.{name}", "must be >= 1 or null")
-    need(e.val_period >= 1, "eval.val_period", "must be >= 1")
-    need(e.num_samples >= 1, "eval.num_samples", "must be >= 1")
+        _need(value is None or value >= 1, f"data.{name}", "must be >= 1 or null")
+
+
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _need(e.val_period >= 1, "eval.val_period", "must be >= 1")
+    _need(e.num_samples >= 1, "eval.num_samples", "must be >= 1")
     for i, k in enumerate(e.pass_k):
-        need(1 <= k <= e.num_samples, f"eval.pass_k[{i}]", f"k={k} must be in [1, eval.num_samples={e.num_samples}]")
-    need(e.reward_timeout_s > 0, "eval.reward_timeout_s", "must be > 0")
-    need(e.reward_retry_timeout_s is None or e.reward_retry_timeout_s >= e.reward_timeout_s,
-         "eval.reward_retry_timeout_s", "must be >= eval.reward_timeout_s, or null")
-    need(e.cliff_probe_problems >= 0, "eval.cliff_probe_problems", "must be >= 0")
-    need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
-    for i, b in enumerate(cfg.experiment.benchmarks):
-        need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")
+        _need(1 <= k <= e.num_samples, f"eval.pass_k[{i}]", f"k={k} must be in [1, eval.num_samples={e.num_samples}]")
+    _need(e.reward_timeout_s > 0, "eval.reward_timeout_s", "must be > 0")
+    _need(e.reward_retry_timeout_s is None or e.reward_retry_timeout_s >= e.reward_timeout_s,
+          "eval.reward_retry_timeout_s", "must be >= eval.reward_timeout_s, or null")
+    _need(e.cliff_probe_problems >= 0, "eval.cliff_probe_problems", "must be >= 0")
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    _need(cfg.checkpoint.save_period >= 1, "checkpoint.save_period", "must be >= 1")
+    metrics = [f"pass@{k}" for k in cfg.eval.pass_k] + ["greedy_acc"]
+    _need(cfg.checkpoint.best_metric in metrics, "checkpoint.best_metric", f"must be one of {metrics}")
+
+
+def _check_datasets(cfg: Config) -> None:
+    """Every training source and benchmark: its row limit and its field mapping."""
     for where, spec in ([(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
                         + [(f"benchmarks.{n}", s) for n, s in cfg.benchmarks.items()]):
-        need(spec.limit is None or spec.limit >= 1, f"{where}.limit", "must be >= 1 or null")
+        _need(spec.limit is None or spec.limit >= 1, f"{where}.limit", "must be >= 1 or null")
         try:
             mapping_of(spec)
         except DataError as err:
             raise ConfigError(f"{where}.{err}") from None
-    need(len(cfg.experiment.methods) >= 1, "experiment.methods", "needs at least one method")
+
+
+def _check_experiment(cfg: Config) -> None:
+    """The grid: benchmarks that are defined, at least one well-formed method record, known checkpoints."""
+    for i, b in enumerate(cfg.experiment.benchmarks):
+        _need(b in cfg.benchmarks, f"experiment.benchmarks[{i}]", f"{b!r} is not defined under `benchmarks`")
+    _need(len(cfg.experiment.methods) >= 1, "experiment.methods", "needs at least one method")
     for name, rec in cfg.experiment.methods.items():
-        where = f"experiment.methods.{name}"
-        need(_METHOD_NAME.fullmatch(name) is not None, where,
-             "a method name is letters, digits, '.', '-' and '_' (it names files and Snakemake targets)")
-        need(rec.name in ("", name), f"{where}.name", f"{rec.name!r} differs from the record's key {name!r}")
-        need(rec.distill_weight >= 0, f"{where}.distill_weight", "must be >= 0 (0 = GRPO)")
-        need(bool(rec.label.strip()), f"{where}.label", "must not be empty")
-        for k in rec.settings:
-            need(isinstance(k, str) and not _is_fixed(k), f"{where}.settings.{k}",
-                 "not a per-method key (the record's own fields, experiment, run, seed, data sources, "
-                 "benchmarks and resources are shared by every method)")
-    for name, r in cfg.resources.items():
-        need(name in ("prepare_data", "train", "evaluate", "report"), f"resources.{name}",
-             "not a rule (prepare_data, train, evaluate, report)")
-        need(r.gpu >= 0 and r.threads >= 1 and r.mem_mb > 0 and r.runtime > 0, f"resources.{name}",
-             "needs gpu >= 0, threads >= 1, mem_mb > 0, runtime > 0")
-    metrics = [f"pass@{k}" for k in e.pass_k] + ["greedy_acc"]
-    need(cfg.checkpoint.best_metric in metrics, "checkpoint.best_metric", f"must be one of {metrics}")
+        _check_method(name, rec)
     for i, c in enumerate(cfg.experiment.checkpoints):
-        need(c in ("final", "best"), f"experiment.checkpoints[{i}]", f"{c!r} is not 'final' or 'best'")
+        _need(c in ("final", "best"), f"experiment.checkpoints[{i}]", f"{c!r} is not 'final' or 'best'")
+
+
+def _check_method(name: str, rec: MethodRecord) -> None:
+    where = f"experiment.methods.{name}"
+    _need(_METHOD_NAME.fullmatch(name) is not None, where,
+          "a method name is letters, digits, '.', '-' and '_' (it names files and Snakemake targets)")
+    _need(rec.name in ("", name), f"{where}.name", f"{rec.name!r} differs from the record's key {name!r}")
+    _need(rec.distill_weight >= 0, f"{where}.distill_weight", "must be >= 0 (0 = GRPO)")
+    _need(bool(rec.label.strip()), f"{where}.label", "must not be empty")
+    for k in rec.settings:
+        _need(isinstance(k, str) and not _is_fixed(k), f"{where}.settings.{k}",
+              "not a per-method key (the record's own fields, experiment, run, seed, data sources, "
+              "benchmarks and resources are shared by every method)")
+
+
+def _check_resources(cfg: Config) -> None:
+    for name, r in cfg.resources.items():
+        _need(name in ("prepare_data", "train", "evaluate", "report"), f"resources.{name}",
+              "not a rule (prepare_data, train, evaluate, report)")
+        _need(r.gpu >= 0 and r.threads >= 1 and r.mem_mb > 0 and r.runtime > 0, f"resources.{name}",
+              "needs gpu >= 0, threads >= 1, mem_mb > 0, runtime > 0")
 
 
 _METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -512,15 +567,18 @@ def _is_fixed(dotted: str) -> bool:
     return any(dotted == f or dotted.startswith(f + ".") for f in _FIXED) or dotted in ("data",)
 
 
-def _expand(settings: dict) -> dict:
-    """{'hdpo.topk_logits_k': 8, 'eval': {'top_p': 0.9}} -> nested mappings."""
-    out: dict = {}
-    for k, v in settings.items():
-        node = out
-        parts = str(k).split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = v
+def expand_dotted(data: dict) -> dict:
+    """Top-level dotted keys as the nested keys they stand for, each merged over the rest:
+    {'grpo.max_num_steps': 5, 'grpo': {'max_num_steps': 3, 'micro_batch_size': 4}}
+    -> {'grpo': {'max_num_steps': 5, 'micro_batch_size': 4}}; a new dict."""
+    out = {k: v for k, v in data.items() if "." not in str(k)}
+    for dotted, value in data.items():
+        if "." in str(dotted):
+            *parents, leaf = str(dotted).split(".")
+            nested = {leaf: value}
+            for part in reversed(parents):
+                nested = {part: nested}
+            out = deep_merge(out, nested)
     return out
 
 
@@ -543,18 +601,18 @@ def method_records(cfg_or_dict: "Config | dict") -> dict[str, MethodRecord]:
 
 def method_overrides(record: MethodRecord) -> dict:
     """The nested config keys a method sets: its settings, then teacher and distill weight, then run.*"""
-    return deep_merge(_expand(record.settings), {
+    return deep_merge(expand_dotted(record.settings), {
         "hdpo": {"teacher": record.teacher, "distill_weight": record.distill_weight},
         "run": {"method": record.name, "label": record.label}})
 
 
 def run_config(merged: "Config | dict", method: str, seed: Optional[int] = None) -> Config:
     """The config of one run: the merged config with the method's record applied (and the seed)."""
-    data = merged.to_dict() if isinstance(merged, Config) else json.loads(json.dumps(merged or {}))
-    records = method_records(data)
+    cfg = merged if isinstance(merged, Config) else from_dict(merged, _runs=False)
+    records = method_records(cfg)
     if method not in records:
         raise ConfigError(f"method {method!r}: not under experiment.methods (known: {', '.join(records)})")
-    data = deep_merge(data, method_overrides(records[method]))
+    data = deep_merge(cfg.to_dict(), method_overrides(records[method]))
     if seed is not None:
         data["seed"] = seed
     try:
