@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from hdpo import distributed as dist
 from hdpo.config import Config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.generation import Generator, Sampling, problem_seed
@@ -23,6 +24,7 @@ from hdpo.generators import make_generator
 from hdpo.io import atomic_path, samples_path, write_json, write_jsonl
 from hdpo.models import load_model, load_tokenizer
 from hdpo.passk import mean_pass_at_k
+from hdpo.progress import EvalProgress
 from hdpo.reward import RewardScorer
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,19 @@ def score_problems(problems: list[Problem], generator: Generator, tokenizer, sco
     sampled, greedy = eval_sampling(cfg)
     prompts = [render_prompt(tokenizer, build_messages(p, cfg.data.system_prompt)) for p in problems]
     seeds = [problem_seed(cfg.seed, benchmark, p.id) for p in problems]
-    samples = generator.generate(prompts, n, sampled, seeds=seeds)
+    # generate_then reports each problem as its samples end (the same samples as generate)
+    progress = EvalProgress(f"{benchmark}: sampling", len(problems), n, enabled=dist.rank() == 0)
+    samples, _ = generator.generate_then(prompts, n, sampled, progress.done, 0, seeds)
+    progress.close()
     texts = [r.text for group in samples for r in group]
     golds = [p.answer for p in problems for _ in range(n)]
     scores = scorer.score_with_status(texts, golds)
     greedy_out: list = []
     greedy_scores: list = []
     if cfg.eval.greedy:
-        greedy_out = [g[0] for g in generator.generate(prompts, 1, greedy)]
+        progress = EvalProgress(f"{benchmark}: greedy", len(problems), 1, enabled=dist.rank() == 0)
+        greedy_out = [g[0] for g in generator.generate_then(prompts, 1, greedy, progress.done, 0)[0]]
+        progress.close()
         greedy_scores = scorer.score_with_status([r.text for r in greedy_out], [p.answer for p in problems])
 
     records, counts = [], []
@@ -92,24 +99,25 @@ def _sha256_files(paths: Sequence[Path], root: Optional[Path] = None) -> str:
 
 
 def model_digest(model_dir: str | Path) -> Optional[str]:
-    """sha256 of a policy folder's files (weights, configs, tokenizer), less its label (hdpo_meta.json) and
-    hidden files (Snakemake's `.snakemake_timestamp` in a directory output): the best and final policies of a
-    run that peaked at its last step get the same digest, and so does a step-0 policy and the untrained
-    model's folder. None for a Hub id."""
+    """sha256 of a policy folder's files (weights, configs, tokenizer), less its labels (hdpo_meta.json, the
+    model card README.md) and hidden files (Snakemake's `.snakemake_timestamp` in a directory output): the best
+    and final policies of a run that peaked at its last step get the same digest, and so does a step-0 policy
+    and the untrained model's folder. None for a Hub id."""
     root = Path(model_dir)
     if not root.is_dir():
         return None
-    files = [p for p in root.rglob("*") if p.is_file() and p.name != "hdpo_meta.json"
+    files = [p for p in root.rglob("*") if p.is_file() and p.name not in ("hdpo_meta.json", "README.md")
              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     return _sha256_files(sorted(files), root)
 
 
 def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
-    """sha256 of what decides an evaluation's numbers besides the weights: the seed, the model, sampling and
-    evaluation settings (not the batch size or engine memory share, which change no sample), the benchmark's
-    name (it seeds the samples) and file, the device (CPU samples in float32, a GPU in the configured dtype,
-    and kernels differ between GPU models) and the code (this package's sources and the libraries that
-    tokenize, sample and verify): a result left by other code or hardware is never copied."""
+    """sha256 of what decides an evaluation's numbers besides the weights: the seed, the model (its dtype
+    included), sampling and evaluation settings (the backend included), the benchmark's name (it seeds the
+    samples) and file, the device (CPU samples in float32, a GPU in the configured dtype, and kernels differ
+    between GPU models), the code (this package's sources and the libraries that tokenize, sample and verify),
+    and what sets the shapes of the batches samples are drawn in (`batching_keys`): a result left by other
+    code, hardware or batching is never copied."""
     def installed(name: str) -> Optional[str]:
         try:
             return version(name)
@@ -123,13 +131,33 @@ def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
             "versions": {n: installed(n) for n in libraries},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "eval": dataclasses.asdict(cfg.eval),
-            "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items()
-                           if k not in ("batch_size", "gpu_memory_utilization", "vllm_cpu_kv_cache_gib")},
-            "system_prompt": cfg.data.system_prompt, "benchmark": benchmark,
+            "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k not in BATCHING},
+            "batching": batching_keys(cfg), "system_prompt": cfg.data.system_prompt, "benchmark": benchmark,
             "benchmark_file": _sha256_files([benchmark_file])}
     for k in ("val_period", "reward_workers", "cliff_probe_problems"):  # training-time or speed only
         keys["eval"].pop(k)
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# generation.* keys that set batch shapes only; batching_keys says which of them the backend reads
+BATCHING = ("batch_size", "gpu_memory_utilization", "vllm_cpu_kv_cache_gib")
+
+
+def batching_keys(cfg: Config) -> dict:
+    """The settings that set the shapes of the batches a backend samples in. A row's random numbers are its
+    own (hdpo.decode), but its logits are not bit-for-bit the same in every batch: the forward's round-off
+    depends on how many rows share it and how far they are padded (measured on CPU in float32: the last-token
+    logits of 15 of 16 prompts differ, by up to 7e-7, between a batch of 1 and one of 16; in bf16 on a GPU by
+    far more), and once round-off swaps a draw's two best Gumbel-perturbed scores the rest of the sample
+    differs. So the transformers backend's `batch_size` enters the digest; vLLM never reads it, but its running
+    batch is bounded by its KV cache, whose size `gpu_memory_utilization` (CUDA build) or
+    `vllm_cpu_kv_cache_gib` (CPU build) sets (both enter: which build is installed is not known without
+    importing vLLM). The transformers backend reads neither of those, so they stay out of its digest and do
+    not prevent a copy that would give the same numbers."""
+    g = cfg.generation
+    if g.backend == "transformers":
+        return {"batch_size": g.batch_size}
+    return {"gpu_memory_utilization": g.gpu_memory_utilization, "vllm_cpu_kv_cache_gib": g.vllm_cpu_kv_cache_gib}
 
 
 def _reusable(candidates: Sequence[str | Path], digests: dict) -> Optional[tuple[Path, dict]]:
