@@ -301,7 +301,7 @@ def test_a_damaged_checkpoint_stops_resume_in_one_line(tmp_path, tiny_model_dir,
     one_line_error(*hdpo("train", "--config", DEMO, "--method", "grpo", "--data", str(tiny_data),
                          "--run-dir", str(tmp_path / "run"), "--work-dir", str(work), "--resume",
                          "--set", f"model.name={tiny_model_dir}", "model.gguf_file=null",
-                         "experiment.require_gpu=false"),
+                         "experiment.require_gpu=false", "generation.backend=transformers"),
                    f"cannot resume from {work / 'checkpoint.pt'}: unreadable", "move it away")
     assert (work / "checkpoint.pt").exists()
 
