@@ -20,7 +20,7 @@ def config(methods=METHODS, seeds=(1, 2), benchmarks=("math500",), n_samples=8, 
            best_includes_step0=False):
     return from_dict({"eval": {"pass_k": [1, 2, 4, 8], "num_samples": n_samples, "greedy": greedy,
                                "best_includes_step0": best_includes_step0},
-                      "grpo": {"num_prompts_per_step": 4, "num_generations_per_prompt": 4},
+                      "grpo": {"num_prompts_per_step": 4, "num_generations_per_prompt": 4, "max_num_steps": 40},
                       "experiment": {"methods": paper_methods(*methods), "seeds": list(seeds), "benchmarks": list(benchmarks),
                                      "checkpoints": ["final", "best"]}})
 

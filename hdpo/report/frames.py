@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from hdpo.config import Config
+from hdpo.config import Config, run_config
 from hdpo.io import samples_path
 from hdpo.passk import pass_at_k
 from hdpo.paper import PAPER_SEED, PAPER_SELECTION, SOURCES, paper_value
@@ -387,12 +387,17 @@ def best_candidates(steps: list[int], include_step0: bool, last_step: Optional[i
 
 
 def select(matrix: np.ndarray, selection: str, halves: tuple[list[int], list[int]],
-           candidates: Optional[list[int]] = None) -> tuple[int, list[int]]:
+           candidates: Optional[list[int]] = None, steps: Optional[list[int]] = None,
+           last_step: Optional[int] = None) -> Optional[tuple[int, list[int]]]:
     """-> (step position, problem positions to report) for one run's [T, P] matrix; best and held-out pick
-    among the `candidates` step positions (default: all)."""
+    among the `candidates` step positions (default: all). `final` is the last row only when it is the run's
+    configured last step (`last_step`, with the rows' `steps`): an unfinished run has no final (None), so it
+    is never compared with finished runs at another step."""
     all_p = list(range(matrix.shape[1]))
     cand = list(range(matrix.shape[0])) if candidates is None else candidates
     if selection == "final":
+        if last_step is not None and (not steps or steps[-1] != last_step):
+            return None
         return matrix.shape[0] - 1, all_p
     if selection == "best":  # argmax: the first (earliest) maximum
         return cand[int(np.argmax(np.nanmean(matrix[cand], axis=1)))], all_p
@@ -404,10 +409,17 @@ def select(matrix: np.ndarray, selection: str, halves: tuple[list[int], list[int
     raise ValueError(f"unknown selection {selection!r}")
 
 
+def final_step(cfg: Config, method: str) -> int:
+    """The step a run of `method` ends at (grpo.max_num_steps, after the method's own settings): its final
+    validation."""
+    return run_config(cfg, method).grpo.max_num_steps
+
+
 def _selected(scores: dict[tuple[str, int], RunScores], method: str, metric: str, selection: str,
-              include_step0: bool, ids: Optional[list[str]] = None
+              include_step0: bool, ids: Optional[list[str]] = None, last_step: Optional[int] = None
               ) -> tuple[dict[int, np.ndarray], dict[int, int], list[str]]:
-    """Per seed of `method`: the selected step's scores on the report problems (restricted to `ids`)."""
+    """Per seed of `method`: the selected step's scores on the report problems (restricted to `ids`); a seed
+    whose run has not reached `last_step` has no final (left out, with a warning)."""
     vecs, steps = {}, {}
     runs = {s: r for (m, s), r in scores.items() if m == method}
     if not runs:
@@ -419,7 +431,12 @@ def _selected(scores: dict[tuple[str, int], RunScores], method: str, metric: str
     for seed, run in runs.items():
         pos = [run.ids.index(p) for p in common]
         mat = run.scores[metric][:, pos]
-        t, report = select(mat, selection, halves, best_candidates(run.steps, include_step0))
+        picked = select(mat, selection, halves, best_candidates(run.steps, include_step0), run.steps, last_step)
+        if picked is None:
+            logger.warning("%s: last validation at step %d, not the configured last step %s: no final",
+                           run_name(method, seed), run.steps[-1], last_step)
+            continue
+        t, report = picked
         report_ids = [common[i] for i in report]
         vecs[seed], steps[seed] = mat[t, report], run.steps[t]
     return vecs, steps, report_ids
@@ -436,7 +453,8 @@ def interval_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     for method, selection in plan:
         for metric in val_metrics(cfg):
             src = base_from if method == BASE else method
-            vecs, steps, _ = _selected(scores, src, metric, selection, cfg.eval.best_includes_step0)
+            vecs, steps, _ = _selected(scores, src, metric, selection, cfg.eval.best_includes_step0,
+                                       last_step=final_step(cfg, src))
             if not vecs or any(np.isnan(v).any() for v in vecs.values()):
                 continue
             seeds = sorted(vecs)
@@ -470,8 +488,8 @@ def difference_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
                     common = ids if common is None else common & ids
                 if not common:
                     continue
-                a, _, _ = _selected(scores, method, metric, selection, step0, sorted(common))
-                b, _, _ = _selected(scores, base, metric, selection, step0, sorted(common))
+                a, _, _ = _selected(scores, method, metric, selection, step0, sorted(common), final_step(cfg, method))
+                b, _, _ = _selected(scores, base, metric, selection, step0, sorted(common), final_step(cfg, base))
                 seeds = sorted(set(a) & set(b))
                 if not seeds:
                     continue
