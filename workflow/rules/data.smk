@@ -4,9 +4,9 @@ rule prepare_data:
         train=f"{DATA_DIR}/train.jsonl",
         val=f"{DATA_DIR}/val.jsonl",
         summary=f"{DATA_DIR}/summary.json",
-        benchmarks=[f"{DATA_DIR}/benchmarks/{b}.jsonl" for b in BENCHMARKS],
+        benchmarks=[f"{DATA_DIR}/benchmarks/{b}.jsonl" for b in GRID.benchmarks],
     params:
-        settings=data_settings(),
+        settings=SETTINGS.data(),
         config=configfile_arg,
         python=python_arg,
         out=lambda wildcards, output: os.path.dirname(output.summary),

@@ -2,14 +2,14 @@
 # a best policy with the final one's files copies the final's result (reuse_input).
 rule evaluate:
     input:
-        model="results/runs/{run}/policy_{ckpt}",
+        model=policy_dir("{run}", "{ckpt}"),
         data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
         reuse=reuse_input,
     output:
-        result="results/eval/{run}/{ckpt}/{bench}.json",
-        samples="results/eval/{run}/{ckpt}/{bench}.samples.jsonl.gz",
+        result=eval_result("{run}", "{ckpt}", "{bench}"),
+        samples=eval_samples(eval_result("{run}", "{ckpt}", "{bench}")),
     params:
-        settings=evaluate_settings,
+        settings=lambda wildcards: SETTINGS.evaluate(GRID.method_of(wildcards.run), wildcards.bench),
         config=configfile_arg,
         method=method_arg,
         reuse=reuse_arg,
@@ -38,10 +38,10 @@ rule evaluate_base:
     input:
         data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
     output:
-        result="results/eval/base/{bench}.json",
-        samples="results/eval/base/{bench}.samples.jsonl.gz",
+        result=base_eval_result("{bench}"),
+        samples=eval_samples(base_eval_result("{bench}")),
     params:
-        settings=base_evaluate_settings,
+        settings=lambda wildcards: SETTINGS.base_evaluate(wildcards.bench),
         config=configfile_arg,
         python=python_arg,
         data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),

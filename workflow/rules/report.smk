@@ -8,12 +8,12 @@
 
 rule tables:
     input:
-        results=REPORT_INPUTS,
+        results=GRID.report_inputs(),
         code=CODE["tables"],
     output:
         _reported(TABLES, "tables"),
     params:
-        settings=report_settings(),
+        settings=SETTINGS.report(),
         config=configfile_arg,
         python=python_arg,
         out=lambda wildcards, output: os.path.dirname(output[0]),
@@ -36,12 +36,12 @@ rule tables:
 
 rule figures:
     input:
-        results=REPORT_INPUTS,
+        results=GRID.report_inputs(),
         code=CODE["figures"],
     output:
         _reported(FIGURES, "figures"),
     params:
-        settings=report_settings(),
+        settings=SETTINGS.report(),
         config=configfile_arg,
         python=python_arg,
         out=lambda wildcards, output: os.path.dirname(output[0]),

@@ -9,24 +9,24 @@ rule train:
         train=ancient(f"{DATA_DIR}/train.jsonl"),
         val=ancient(f"{DATA_DIR}/val.jsonl"),
     output:
-        metrics="results/runs/{method}_seed{seed}/metrics.jsonl",
-        summary="results/runs/{method}_seed{seed}/summary.json",
-        cliffs="results/runs/{method}_seed{seed}/cliffs.jsonl",
-        val_problems="results/runs/{method}_seed{seed}/val_problems.jsonl.gz",
-        config="results/runs/{method}_seed{seed}/config.yaml",
-        final=directory("results/runs/{method}_seed{seed}/policy_final"),
-        best=directory("results/runs/{method}_seed{seed}/policy_best"),
+        metrics=f"{run_dir(RUN)}/metrics.jsonl",
+        summary=f"{run_dir(RUN)}/summary.json",
+        cliffs=f"{run_dir(RUN)}/cliffs.jsonl",
+        val_problems=f"{run_dir(RUN)}/val_problems.jsonl.gz",
+        config=f"{run_dir(RUN)}/config.yaml",
+        final=directory(policy_dir(RUN, "final")),
+        best=directory(policy_dir(RUN, "best")),
     params:
-        settings=train_settings,
+        settings=lambda wildcards: SETTINGS.train(wildcards.method),
         config=configfile_arg,
         launcher=train_launcher,
         data=lambda wildcards, input: os.path.dirname(input.train),
         run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         work_dir=work_dir,
     log:
-        "results/logs/train/{method}_seed{seed}.log",
+        f"results/logs/train/{RUN}.log",
     benchmark:
-        "results/benchmarks/train/{method}_seed{seed}.tsv"
+        f"results/benchmarks/train/{RUN}.tsv"
     conda:
         CONDA_ENV
     threads: resource("train", "threads")
