@@ -232,6 +232,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers fed from the metrics rows (hdpo/tracking): each optional, rank 0 only."""
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = key(
+        doc="trackers to log to (a missing package: one warning); resumed runs continue their tracker runs",
+        runtime=True, factory=list)
+    project: str = key("hdpo", "W&B project and MLflow experiment", runtime=True)
+    wandb_entity: Optional[str] = key(None, "W&B team or user (null: WANDB_ENTITY, else your default)",
+                                      runtime=True)
+    mlflow_tracking_uri: Optional[str] = key(None, "MLflow store, e.g. sqlite:///results/mlflow.db (null: "
+                                                   "MLFLOW_TRACKING_URI, else MLflow's default)", runtime=True)
+
+
+@dataclass
 class MethodRecord:
     """One method of the grid, like a row of a Snakemake sample sheet (`experiment.methods.<name>`)."""
     label: str = key(doc="name in tables and figures")
@@ -306,6 +319,7 @@ class Config:
     generation: GenerationConfig = key(doc="rollout sampling", factory=GenerationConfig)
     eval: EvalConfig = key(doc="evaluation", factory=EvalConfig)
     checkpoint: CheckpointConfig = key(doc="checkpoints", factory=CheckpointConfig)
+    tracking: TrackingConfig = key(doc="experiment trackers", factory=TrackingConfig)
     experiment: ExperimentConfig = key(doc="the grid", factory=ExperimentConfig)
     run: RunConfig = key(doc="this run's cell of the grid (set per job)", factory=RunConfig)
     resources: dict[str, RuleResources] = key(doc="per rule (prepare_data, train, evaluate, report)",

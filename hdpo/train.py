@@ -46,7 +46,8 @@ from hdpo.models import (autocast, default_device, dynamic_shape_attention, eval
 from hdpo.reward import RewardScorer, RewardStats
 from hdpo.step_records import (Cliffs, GroupScoring, PrivilegedTargets, Rollouts, StepClock, StepTally, Update,
                                metrics_row)
-from hdpo.tracking import is_terminal, make_tensorboard, step_line
+from hdpo.tracking import RunInfo, Trackers, is_terminal, open_trackers, step_line
+from hdpo.tracking import run_end
 from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients, teacher_topk
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Trainer:
         self.ledger_path = self.work_dir / "cliffs.jsonl"  # the cliff ledger (hdpo/ledger.py)
         self.val_records_path = self.work_dir / "val_problems.jsonl"  # per-problem validation results
         self.ledger: list[dict] = []  # every rank keeps it: expand-then-sharpen reads it to draw batches
-        self.tensorboard = None
+        self.trackers: Optional[Trackers] = None  # rank 0 only
         self.ckpt_path = self.work_dir / "checkpoint.pt"
         self._t0, self._wall_before, self._ckpt_step, self._locks = time.time(), 0.0, None, []
 
@@ -520,8 +521,18 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if self.rank == 0:
             append_jsonl(self.metrics_path, row)
-            if self.tensorboard is not None:
-                self.tensorboard.log(row)
+            self.trackers.log(row)
+
+    def _open_trackers(self, resumed: bool, fresh: bool) -> None:
+        """Rank 0: the configured trackers, reopening this work dir's tracker runs unless `fresh`; resumed, a
+        backend is first given the rows of metrics.jsonl it lacks (all of them when it was just added)."""
+        cfg = self.cfg
+        names = list(cfg.tracking.backends) + (["tensorboard"] if cfg.checkpoint.tensorboard else [])
+        info = RunInfo(self.run_dir.name, cfg.run.method or "train", cfg.seed, cfg.to_dict(), self.work_dir)
+        self.trackers = open_trackers(names, info, cfg.tracking, fresh)
+        if resumed:
+            for row in read_jsonl(self.metrics_path):
+                self.trackers.log(row)
 
     # -- the loop -----------------------------------------------------------------------------------
     @dynamic_shape_attention()  # rollouts, the teacher and every micro-batch bring new attention shapes
@@ -532,8 +543,10 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             save_config(cfg, self.work_dir / "config.yaml")
-            self.tensorboard = make_tensorboard(cfg.checkpoint.tensorboard, self.work_dir / "tensorboard")
-        if not (resume and self.load_checkpoint()):
+        resumed = resume and self.load_checkpoint()
+        if self.rank == 0:  # a run started over (no --resume) starts new tracker runs too
+            self._open_trackers(resumed, fresh=not resume)
+        if not resumed:
             if self.rank == 0:
                 for path in (self.metrics_path, self.ledger_path, self.val_records_path):
                     path.unlink(missing_ok=True)
@@ -602,9 +615,10 @@ class Trainer:
             summary["cliff_ledger"] = cliff_ledger.summary(ledger)
             save_config(self.cfg, self.run_dir / "config.yaml")
             write_json(self.run_dir / "summary.json", summary)
+            self.trackers.log_end(summary, {"validation": run_end.validation_table(rows)},
+                                  {"curves": run_end.curves(rows, self.run_dir.name)})
+            self.trackers.close()
         self.scorer.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
         for lock in self._locks:
             lock.release()
         return summary

@@ -11,7 +11,6 @@ import pytest
 from conftest import tiny_problems
 from hdpo import ledger as L
 from hdpo.passk import mean_pass_at_k
-from hdpo.tracking import TensorBoardLogger, scalars, step_line
 from test_train import _data, _run
 
 
@@ -127,27 +126,3 @@ def test_one_log_line_per_step_off_a_terminal(tiny_model_dir, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "/2 reward" in r.getMessage()]
     assert [l.split()[1] for l in lines] == ["1/2", "2/2"]
     assert any("validating on 2 problems x 2 samples" in r.getMessage() for r in caplog.records)
-
-
-def test_step_line_and_scalars():
-    row = {"kind": "train", "step": 3, "reward/mean": 0.5, "cliffs": 2, "privileged/kept": 7, "loss/jsd": 0.01,
-           "loss/grpo": -0.002, "time/step": 12.34, "teacher_pass_rate": None, "flag": True}
-    assert step_line(row, 10) == "step 3/10 reward 0.500 cliffs 2 kept 7 jsd 0.0100 grpo -0.0020 12.3 s/step"
-    assert scalars(row) == {"reward/mean": 0.5, "cliffs": 2.0, "privileged/kept": 7.0, "loss/jsd": 0.01,
-                            "loss/grpo": -0.002, "time/step": 12.34}
-
-
-def test_tensorboard_logger_writes_events_or_warns_once(tmp_path, caplog):
-    try:
-        import tensorboard  # noqa: F401
-        have = True
-    except ImportError:
-        have = False
-    with caplog.at_level(logging.WARNING):
-        tb = TensorBoardLogger(tmp_path / "tb")
-        tb.log({"kind": "train", "step": 1, "reward/mean": 0.25})
-        tb.close()
-    if have:
-        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    else:
-        assert tb.writer is None and "pip install tensorboard" in caplog.text

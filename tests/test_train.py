@@ -452,7 +452,8 @@ def _train_rank(rank, world, model_dir, data, out, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = tiny_config(model_dir, **{"grpo.num_prompts_per_step": 4})
+    trackers = {"tracking.backends": ["mlflow"], "tracking.mlflow_tracking_uri": (out / "mlruns").as_uri()}
+    cfg = tiny_config(model_dir, **{"grpo.num_prompts_per_step": 4}, **(trackers if have_mlflow() else {}))
     trainer = Trainer(cfg, data, out / "runs" / "ddp", out / "work" / "ddp", out / "models")
     trainer.fit()
     if rank == 1:  # every rank ends with the same weights: gradients are summed over ranks
@@ -463,12 +464,13 @@ def _train_rank(rank, world, model_dir, data, out, port):
     torch.distributed.destroy_process_group()
 
 
-def test_two_rank_training_runs_under_gloo(tiny_model_dir, tmp_path):
+def test_two_rank_training_runs_under_gloo(tiny_model_dir, tmp_path, monkeypatch):
     """The whole trainer as two data-parallel processes (what torchrun launches): global counts, cliffs and
     validation gathered over ranks, identical weights on both ranks, outputs written once."""
     import socket
 
     data = _data(tmp_path, {"7", "8"})
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to file stores
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -483,3 +485,15 @@ def test_two_rank_training_runs_under_gloo(tiny_model_dir, tmp_path):
     assert all(r["tokens/grpo"] > 0 for r in train)
     val = [r for r in rows if r["kind"] == "val"]
     assert [r["step"] for r in val] == [0, 2] and all(r["val/num_problems"] == 2 for r in val)
+    if have_mlflow():  # only rank 0 logs: one tracker run, each step once
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient((tmp_path / "mlruns").as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("hdpo").experiment_id])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")] == [1, 2]
+
+
+def have_mlflow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
