@@ -95,6 +95,14 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
 
 
+def _export_options(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--model", required=True, help="a policy folder written by train (results/runs/<run>/policy_best)")
+    p.add_argument("--out", required=True, help="the folder to write (transformers / vLLM load it as is)")
+    p.add_argument("--results", nargs="*", default=[], metavar="RESULT",
+                   help="its `hdpo evaluate` results (results/eval/<run>/best/*.json) for the model card")
+
+
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config to explain (default: the built-in defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
@@ -250,6 +258,16 @@ def _run_report(args, cfg: Config) -> None:
         log.info("wrote %s", path)
 
 
+def _run_export(args, cfg: Config) -> None:
+    from hdpo.checkpoint import check_writable
+    from hdpo.export import export_policy
+
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
+    check_writable(Path(args.out).resolve().parent, "export output")
+    export_policy(cfg, args.model, args.out, args.results)
+
+
 def _run_config(args, cfg: Config) -> None:
     print(json.dumps(json_schema(), indent=1, ensure_ascii=False) if args.schema else explain(cfg))
 
@@ -268,6 +286,8 @@ COMMANDS = {  # in the order `hdpo --help` lists them
     "preflight": Command("check this node before a long run: kill/resume, memory, speed, verdict",
                          _preflight_options, _run_preflight),
     "report": Command("tables or figures from aggregated results", _report_options, _run_report),
+    "export": Command("a policy as a bf16 (model.dtype) transformers folder with its model card",
+                      _export_options, _run_export),
     "config": Command("list every config key (doc, value, paper's value) or print the schema",
                       _config_options, _run_config),
 }
