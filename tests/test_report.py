@@ -20,7 +20,7 @@ METHODS = ["grpo", "hdpo_frozen_lambda0.1", "hdpo_drifting_lambda0.01"]
 
 
 def make_cfg(methods=METHODS, seeds=(42,), benchmarks=("math500", "aime24"), checkpoints=("final", "best")):
-    return from_dict({"eval": {"pass_k": [1, 4, 8], "num_samples": 8},
+    return from_dict({"eval": {"pass_k": [1, 4, 8], "num_samples": 8}, "grpo": {"max_num_steps": 120},
                       "experiment": {"methods": paper_methods(*methods), "seeds": list(seeds), "benchmarks": list(benchmarks),
                                      "checkpoints": list(checkpoints)}})
 
@@ -107,6 +107,22 @@ def test_best_is_max_over_val_rows_and_final_is_last(full):
             assert best["step"] == best_step
             assert final["value"] == pytest.approx(series[-1][1], abs=0)
             assert final["step"] == series[-1][0]
+
+
+def test_an_unfinished_run_has_no_final_in_table1(tmp_path, caplog):
+    """Table 1's final is the configured last step, as select("final"): a run stopped at step 60 of 120 has
+    no final (it used to show step 60's value beside finished runs' step 120)."""
+    cfg = make_cfg(methods=["grpo"], seeds=(1, 2), benchmarks=())
+    results = tmp_path / "results"
+    make_run(results, "grpo", 1)
+    make_run(results, "grpo", 2, steps=60)
+    tidy = table1_frame(cfg, results)
+    final = tidy[(tidy["source"] == "ours") & (tidy["selection"] == "final")]
+    assert set(final["seed"]) == {1} and set(final["step"]) == {120}
+    assert "grpo_seed2 pass@1: last validation with a value at step 60, not the configured last step 120" \
+        in caplog.text
+    best = tidy[(tidy["source"] == "ours") & (tidy["selection"] == "best")]
+    assert set(best["seed"]) == {1, 2}  # best over training still counts the unfinished run
 
 
 def test_best_ignores_summary_json(full):

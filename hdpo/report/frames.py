@@ -10,7 +10,8 @@ never a checkpoint, so a report regenerates in seconds. A run or file that is mi
 error; a malformed row is skipped with a warning naming the file and row.
 
 Selections of a validation step (per run): `best` = the step with the highest mean (first such step; the
-paper's optimistic selection), `final` = the last validated step, `held-out` = the step that is best on one
+paper's optimistic selection), `final` = the validation at the configured last step (none for an unfinished
+run), `held-out` = the step that is best on one
 half of the validation problems, scored on the other half (an honest estimate of what selection buys).
 """
 from __future__ import annotations
@@ -159,7 +160,8 @@ def table1_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     """The truth of Table 1: one row per (method, seed, source, selection, metric).
 
     ours / best:  max over validation rows of that metric, step = first step reaching it
-    ours / final: the last validation row (the trainer validates at the end), step = its step
+    ours / final: the validation at the run's configured last step (final_step); none for a run that has not
+                  reached it
     paper_*:      the paper's numbers (best over training, seed 42, no step)
     """
     val = val_frame(cfg, results_dir)
@@ -176,9 +178,12 @@ def table1_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
             best = pool.loc[pool["value"].idxmax()]  # idxmax: the first (earliest) maximum
             records.append({"method": method, "seed": seed, "source": OURS, "selection": "best", "metric": metric,
                             "value": float(best["value"]), "step": int(best["step"])})
-        last = grp.iloc[-1]
-        if int(last["step"]) != last_step:  # its value there was missing or out of range: not another step's
-            logger.warning("%s: no value at the last validation (step %d): no final", where, last_step)
+        last, end = grp.iloc[-1], final_step(cfg, method)
+        # final = the configured last step (as select("final")): an unfinished run, or a value missing or out
+        # of range there, has none, rather than another step's value compared with finished runs
+        if int(last["step"]) != end:
+            logger.warning("%s: last validation with a value at step %d, not the configured last step %d: "
+                           "no final", where, int(last["step"]), end)
         else:
             records.append({"method": method, "seed": seed, "source": OURS, "selection": "final", "metric": metric,
                             "value": float(last["value"]), "step": int(last["step"])})
