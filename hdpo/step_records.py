@@ -103,6 +103,8 @@ class StepTally:
     parse_failures: float = 0.0
     timeouts: float = 0.0
     timeouts_retried: float = 0.0
+    gold_unparseable: float = 0.0
+    errors: float = 0.0
     mismatch_sum: float = 0.0
     mismatch_tokens: float = 0.0
     dropped_rows: float = 0.0
@@ -137,6 +139,8 @@ def metrics_row(step: int, t: StepTally, u: Update, reinjected: int) -> dict:
         "privileged/dropped": int(t.dropped_rows), "tokens/dropped": int(t.dropped_tokens),
         "reward/parse_failures": int(t.parse_failures), "reward/timeouts": int(t.timeouts),
         "reward/timeouts_retried": int(t.timeouts_retried),  # re-scored with eval.reward_retry_timeout_s
+        # gold answers with nothing to verify against, and verifier errors: both score 0 (summary.json's totals)
+        "reward/gold_unparseable": int(t.gold_unparseable), "reward/errors": int(t.errors),
         "lr": u.lr, "grad_norm": u.grad_norm if math.isfinite(u.grad_norm) else None,
         "nonfinite_skipped": int(u.skipped),
         # |log p_sampler - log p_trainer| on sampled tokens (rollouts with a non-zero advantage)

@@ -354,6 +354,8 @@ class Trainer:
             parse_failures=stats["parse_failures"] - stats_before["parse_failures"],
             timeouts=stats["timeouts"] - stats_before["timeouts"],
             timeouts_retried=stats["timeouts_retried"] - stats_before["timeouts_retried"],
+            gold_unparseable=stats["gold_unparseable"] - stats_before["gold_unparseable"],
+            errors=stats["errors"] - stats_before["errors"],
             mismatch_sum=parts.mismatch_sum, mismatch_tokens=parts.mismatch_tokens,
             dropped_rows=batch.dropped[0], dropped_tokens=batch.dropped[1],
             is_weight_sum=parts.is_weight_sum, is_capped=parts.is_capped, is_units=parts.is_units,
