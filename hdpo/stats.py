@@ -303,6 +303,92 @@ def minimum_detectable_effect(c: Components, n_seeds: int, n_problems: int, targ
     return float((t_quantile(1 - alpha / 2, df) + t_quantile(target, df)) * math.sqrt(var))
 
 
+# --- equivalence ("keeps pass@1"): power and the smallest margin a design can show ---------------------------
+
+def equivalence_power(effect: float, margin: float, c: Components, n_seeds: int, n_problems: int,
+                      alpha: float = 0.05) -> float:
+    """Probability that the (1 - alpha) interval lies inside (-margin, +margin) when the true difference is
+    `effect`: the estimate must fall in (-margin + t se, margin - t se), a window that closes when the interval
+    is wider than the margin (shifted-t approximation, as `power`)."""
+    var, df = design_variance(c, n_seeds, n_problems)
+    if not var > 0:
+        return 1.0 if abs(effect) < margin else 0.0
+    se = math.sqrt(var)
+    crit = float(t_quantile(1 - alpha / 2, df))
+    lower, upper = (-margin + crit * se - effect) / se, (margin - crit * se - effect) / se
+    if upper <= lower:
+        return 0.0
+    return float(t_sf(lower, df) - t_sf(upper, df))
+
+
+def seeds_for_equivalence(effect: float, margin: float, c: Components, n_problems: int, target: float = 0.8,
+                          alpha: float = 0.05, max_seeds: int = 1000) -> Optional[int]:
+    """The fewest seeds (>= 2) whose interval falls inside +-margin with `target` probability when the true
+    difference is `effect`; None when max_seeds do not (or |effect| >= margin: then no design can)."""
+    if abs(effect) >= margin:
+        return None
+    for s in range(2, max_seeds + 1):
+        if equivalence_power(effect, margin, c, s, n_problems, alpha) >= target:
+            return s
+    return None
+
+
+def minimum_equivalence_margin(c: Components, n_seeds: int, n_problems: int, target: float = 0.8,
+                               alpha: float = 0.05) -> float:
+    """The narrowest margin the design shows equivalence within, with `target` power, when the true difference
+    is 0: the interval's half-width t_{1-alpha/2} se plus the estimate's own spread, which must stay inside the
+    rest with probability `target` on both sides: (t_{1-alpha/2} + t_{(1+target)/2}) se."""
+    var, df = design_variance(c, n_seeds, n_problems)
+    return float((t_quantile(1 - alpha / 2, df) + t_quantile((1 + target) / 2, df)) * math.sqrt(var))
+
+
+# --- verdicts on a claim, from one interval ------------------------------------------------------------------
+
+SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
+
+
+def claim_verdict(low: float, high: float, direction: int, claimed: tuple[float, float] = (math.nan, math.nan),
+                  margin: float = math.nan) -> tuple[str, str]:
+    """(verdict, reason) of a claim about a difference, from its interval [low, high].
+
+    direction +1 / -1 ("raises" / "lowers" by a size in `claimed` = (a, b), on that side of 0):
+      contradicted  the interval lies on the wrong side of 0, or excludes the claimed range [a, b] (it is
+                    entirely below a or entirely above b: the paper's size is ruled out either way)
+      supported     otherwise, if the interval lies on the claimed side of 0 (so it also overlaps [a, b])
+      inconclusive  otherwise: it holds 0 and some of [a, b]
+    direction 0 ("keeps": |difference| < margin, an equivalence claim):
+      supported     the interval lies inside (-margin, +margin)
+      contradicted  the interval lies outside it (low >= margin or high <= -margin)
+      inconclusive  otherwise: it straddles a margin
+    A NaN interval (no paired runs): not tested."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return NOT_TESTED, "no paired runs"
+    if direction == 0:
+        if not margin > 0:
+            raise ValueError("an equivalence claim needs a margin > 0")
+        if -margin < low and high < margin:
+            return SUPPORTED, "inside the margin"
+        if low >= margin or high <= -margin:
+            return CONTRADICTED, "outside the margin"
+        return INCONCLUSIVE, "crosses the margin"
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1, -1 or 0, got {direction!r}")
+    # mirror a "lowers" claim so that the claimed side is always positive
+    lo, hi = (low, high) if direction > 0 else (-high, -low)
+    a, b = sorted(direction * x for x in claimed)
+    if not a > 0:
+        raise ValueError(f"a directional claim's size must lie on its side of 0, got {claimed}")
+    if hi < 0:
+        return CONTRADICTED, "wrong side of 0"
+    if hi < a:
+        return CONTRADICTED, "smaller than the paper's"
+    if lo > b:
+        return CONTRADICTED, "same direction, larger than the paper's"
+    if lo > 0:
+        return SUPPORTED, "claimed side of 0, paper's size inside"
+    return INCONCLUSIVE, "holds 0 and the paper's size"
+
+
 # --- the previous method, kept for the calibration's comparison -----------------------------------------------
 
 def bootstrap_means(values, n_boot: int = 2000, seed: int = 0) -> np.ndarray:

@@ -8,6 +8,8 @@
   passk_curve     pass@k against k (best and final step) with 95% intervals
   lambda_sweep    accuracy against lambda (GRPO at lambda = 0), per teacher, with intervals and the paper's points
   forest          each method's difference to GRPO with its 95% paired interval, beside the paper's difference
+  claims          each claim of the paper: our interval (best; final and held-out beside it) against the paper's
+                  range (or the equivalence margin), coloured by verdict
   benchmarks      benchmark bars per method and checkpoint (the untrained model included; a zero drawn as a zero)
 """
 from __future__ import annotations
@@ -29,14 +31,16 @@ from matplotlib.ticker import MaxNLocator
 from hdpo.config import Config
 from hdpo.io import atomic_path
 from hdpo.paper import SOURCES, paper_value
-from hdpo.report.frames import (INTERVAL_SELECTIONS, bench_interval_frame, benchmarks_frame, difference_frame,
+from hdpo.report.frames import (INTERVAL_SELECTIONS, bench_interval_frame, benchmarks_frame, claims_frame,
+                                difference_frame,
                                 interval_frame, ledger_frame, probe_frame, summarize, train_frame, val_frame)
+from hdpo.stats import CONTRADICTED, INCONCLUSIVE, NOT_TESTED, PROBLEMS_ONLY, SUPPORTED
 from hdpo.report.names import (BASE, baseline_of, benchmark_label, method_label, method_short, method_styles,
                                methods_of, metric_label)
 
 STYLE_FILE = Path(__file__).resolve().parent.parent / "plot_style.mplstyle"
 FIGURE_NAMES = ("val_passk", "training", "cliffs", "cliff_recovery", "passk_curve", "lambda_sweep", "forest",
-                "benchmarks")
+                "benchmarks", "claims")
 SINGLE_COLUMN_IN = 3.5
 DOUBLE_COLUMN_IN = 7.0
 SELECTION_MARKERS = {"best": "o", "final": "s", "held-out": "D"}
@@ -513,6 +517,61 @@ def _fig_forest(cfg: Config, results_dir: Path):
     return fig
 
 
+PAPER_COLOR = "#7B3294"  # the paper's numbers: a hue no verdict uses
+VERDICT_COLORS = {SUPPORTED: "#009E73", CONTRADICTED: "#D55E00", INCONCLUSIVE: "#7F7F7F", NOT_TESTED: "#BBBBBB"}
+
+
+def _fig_claims(cfg: Config, results_dir: Path):
+    """A forest plot of the claims table, in points of pass@k: per claim the paper's range over its two tables
+    (a grey bar; for "keeps" the ±margin band), our best-step 95% interval coloured by its verdict, and the
+    final and held-out intervals below it, thinner, in their own verdicts' colours. A hollow marker: one seed
+    (problems only)."""
+    claims = claims_frame(cfg, results_dir)
+    keys = list(dict.fromkeys(claims["key"]))
+    fig = Figure(figsize=(DOUBLE_COLUMN_IN, 0.9 + 0.42 * max(1, len(keys))), layout="constrained")
+    ax = fig.subplots()
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    offsets = {"best": 0.0, "final": -0.17, "held-out": -0.32}
+    labels = []
+    for i, key in enumerate(keys):
+        y = len(keys) - 1 - i
+        grp = claims[claims["key"] == key]
+        first = grp.iloc[0]
+        labels.append(textwrap.fill(first["claim"], 46))
+        if first["direction"] == 0:
+            ax.fill_betweenx([y - 0.4, y + 0.4], -100 * first["margin"], 100 * first["margin"], color="#CCE5DF",
+                             linewidth=0)
+        ax.fill_betweenx([y + 0.1, y + 0.2], 100 * first["paper_low"], 100 * first["paper_high"], color=PAPER_COLOR,
+                         linewidth=0)
+        ax.plot([100 * first["paper_h200"], 100 * first["paper_h100"]], [y + 0.15] * 2, linestyle="none",
+                marker="|", color=PAPER_COLOR, markersize=6)
+        for r in grp.itertuples(index=False):
+            if r.verdict == NOT_TESTED or not math.isfinite(r.estimate):
+                if r.selection == "best":
+                    ax.text(0, y - 0.1, "not tested", ha="center", va="center", fontsize=6, color="0.5")
+                continue
+            best = r.selection == "best"
+            color = VERDICT_COLORS[r.verdict]
+            est, lo, hi = 100 * r.estimate, 100 * r.low, 100 * r.high
+            ax.errorbar([est], [y + offsets[r.selection]], xerr=[[est - lo], [hi - est]], color=color,
+                        marker=SELECTION_MARKERS[r.selection], markersize=4 if best else 2.5,
+                        elinewidth=1.6 if best else 0.8, capsize=2 if best else 1, linestyle="none",
+                        markerfacecolor="white" if r.scope == PROBLEMS_ONLY else color)
+    ax.set_yticks(range(len(keys)), list(reversed(labels)), fontsize=6)
+    ax.set_ylim(-0.6, max(1, len(keys)) - 0.4)
+    ax.set_xlabel("method − GRPO, points of pass@k (95% interval)")
+    if claims.empty or (claims["verdict"] == NOT_TESTED).all():
+        _no_data(ax, "no paired results yet")
+    handles = [Patch(color=VERDICT_COLORS[v]) for v in (SUPPORTED, CONTRADICTED, INCONCLUSIVE)]
+    handles += [Line2D([], [], color="0.3", marker=SELECTION_MARKERS[s], linestyle="-", markersize=3)
+                for s in INTERVAL_SELECTIONS]
+    handles += [Patch(color=PAPER_COLOR), Patch(color="#CCE5DF")]
+    names = [SUPPORTED, CONTRADICTED, INCONCLUSIVE, "ours, best step", "final step", "held-out step",
+             "paper: range of H200, H100 (ticks)", "equivalence margin"]
+    fig.legend(handles, names, loc="outside lower center", ncol=4, fontsize=6)
+    return fig
+
+
 def _fig_benchmarks(cfg: Config, results_dir: Path):
     """Bars per method and checkpoint (the untrained model first); error bars are 95% intervals where the
     per-problem samples exist, else ± 1 std over seeds; a value of exactly 0 gets a visible tick and a '0'."""
@@ -638,7 +697,8 @@ def _checkpoint_legend(fig, cfg: Config, ckpts, height: float) -> None:
 
 _FIGURES = {"val_passk": _fig_val_passk, "training": _fig_training, "cliffs": _fig_cliffs,
             "cliff_recovery": _fig_cliff_recovery, "passk_curve": _fig_passk_curve,
-            "lambda_sweep": _fig_lambda_sweep, "forest": _fig_forest, "benchmarks": _fig_benchmarks}
+            "lambda_sweep": _fig_lambda_sweep, "forest": _fig_forest, "benchmarks": _fig_benchmarks,
+            "claims": _fig_claims}
 
 
 def write_figures(cfg: Config, results_dir: str | Path, out_dir: str | Path,

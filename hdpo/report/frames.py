@@ -31,9 +31,11 @@ import pandas as pd
 from hdpo.config import Config, run_config
 from hdpo.io import samples_path
 from hdpo.passk import pass_at_k
-from hdpo.paper import PAPER_SEED, PAPER_SELECTION, SOURCES, paper_value
+from hdpo.paper import (BASELINE, EQUIVALENCE_MARGIN, PAPER_CLAIMS, PAPER_SEED, PAPER_SELECTION, SOURCES, Claim,
+                        claim_differences, claim_effect, claim_range, paper_value)
 from hdpo.report.names import BASE, baseline_of, run_name, val_metrics
-from hdpo.stats import mean_interval, paired_difference
+from hdpo.stats import (Interval, claim_verdict, equivalence_power, mean_interval, minimum_detectable_effect,
+                        minimum_equivalence_margin, paired_difference, power, seeds_for_equivalence, seeds_for_power)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ DIFF_COLUMNS = ["method", "baseline", "selection", "metric", "estimate", "low", 
                 "n_seeds", "scope", "paper_h200", "paper_h100"]
 BENCH_INTERVAL_COLUMNS = ["method", "checkpoint", "benchmark", "metric", "estimate", "low", "high", "n_problems",
                           "n_seeds", "steps", "untrained", "scope"]
+# claims: one row per (claim, selection); paper_*: the paper's method − GRPO; margin: the equivalence margin of a
+# "keeps" claim; seeds_needed / power_ours / mde: hdpo.report.frames.claim_power
+CLAIM_COLUMNS = ["claim", "key", "method", "metric", "direction", "paper_h200", "paper_h100", "paper_low",
+                 "paper_high", "margin", "selection", "estimate", "low", "high", "p_value", "n_seeds", "n_problems",
+                 "scope", "verdict", "reason", "paper_effect", "seeds_needed", "seeds_note", "power_ours", "mde",
+                 "note"]
+POWER_PROBLEMS = 2048  # the paper's validation split: the design the seeds needed are computed for
 RATE = (0.0, 1.0)  # pass@k and accuracy: their intervals are clipped to what a rate can be
 
 
@@ -472,6 +481,29 @@ def interval_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=INTERVAL_COLUMNS)
 
 
+def _paired(scores: dict[tuple[str, int], RunScores], cfg: Config, method: str, base: str, selection: str,
+            metric: str) -> Optional[Interval]:
+    """method − base at one selection and metric, paired by problem (those every run of both has) and by seed
+    (those both have at that selection); None without any pair."""
+    common = None
+    for m in (method, base):
+        runs = [r for (mm, _), r in scores.items() if mm == m]
+        ids = set.intersection(*(set(r.ids) for r in runs)) if runs else set()
+        common = ids if common is None else common & ids
+    if not common:
+        return None
+    step0 = cfg.eval.best_includes_step0
+    a, _, _ = _selected(scores, method, metric, selection, step0, sorted(common), final_step(cfg, method))
+    b, _, _ = _selected(scores, base, metric, selection, step0, sorted(common), final_step(cfg, base))
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    A, B = np.stack([a[s] for s in seeds]), np.stack([b[s] for s in seeds])
+    if np.isnan(A).any() or np.isnan(B).any():
+        return None
+    return paired_difference(A, B)
+
+
 def difference_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     """Every method minus the baseline (GRPO), paired by problem and seed, per selection and metric: mean
     difference, 95% interval and p-value (hdpo.stats.paired_difference); beside the paper's method − GRPO."""
@@ -480,28 +512,14 @@ def difference_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     records = []
     if base is None:
         return pd.DataFrame(columns=DIFF_COLUMNS)
-    step0 = cfg.eval.best_includes_step0
     for method in cfg.experiment.methods:
         if method == base:
             continue
         for selection in INTERVAL_SELECTIONS:
             for metric in val_metrics(cfg):
-                common = None
-                for m in (method, base):
-                    runs = [r for (mm, _), r in scores.items() if mm == m]
-                    ids = set.intersection(*(set(r.ids) for r in runs)) if runs else set()
-                    common = ids if common is None else common & ids
-                if not common:
+                iv = _paired(scores, cfg, method, base, selection, metric)
+                if iv is None:
                     continue
-                a, _, _ = _selected(scores, method, metric, selection, step0, sorted(common), final_step(cfg, method))
-                b, _, _ = _selected(scores, base, metric, selection, step0, sorted(common), final_step(cfg, base))
-                seeds = sorted(set(a) & set(b))
-                if not seeds:
-                    continue
-                A, B = np.stack([a[s] for s in seeds]), np.stack([b[s] for s in seeds])
-                if np.isnan(A).any() or np.isnan(B).any():
-                    continue
-                iv = paired_difference(A, B)
                 paper = {}
                 for source in SOURCES:
                     pm, pb = paper_value(source, method, metric), paper_value(source, base, metric)
@@ -512,6 +530,63 @@ def difference_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
                                 "paper_h200": paper.get("paper_h200", math.nan),
                                 "paper_h100": paper.get("paper_h100", math.nan)})
     return pd.DataFrame.from_records(records, columns=DIFF_COLUMNS)
+
+
+def claim_power(claim: Claim, iv: Interval, n_problems: int = POWER_PROBLEMS) -> dict:
+    """What our runs could detect and what a claim would take, from the variance components of our paired
+    differences (`iv.components`): for a directional claim the seeds for 80% power at alpha 0.05 to detect the
+    paper's effect on `n_problems`, our design's minimum detectable effect and its power for the paper's
+    effect; for an equivalence claim the same for showing |difference| < the margin when the truth is the
+    paper's effect, and the narrowest margin our design can show. With one seed the seed variance is unknown
+    and taken as 0, so the seeds needed are a lower bound (seeds_note says so)."""
+    c = iv.components
+    effect = claim_effect(claim)
+    if claim.direction == 0:
+        need = seeds_for_equivalence(effect, EQUIVALENCE_MARGIN, c, n_problems)
+        ours = equivalence_power(effect, EQUIVALENCE_MARGIN, c, iv.n_seeds, iv.n_problems)
+        mde = minimum_equivalence_margin(c, iv.n_seeds, iv.n_problems)
+    else:
+        need = seeds_for_power(effect, c, n_problems)
+        ours = power(effect, c, iv.n_seeds, iv.n_problems)
+        mde = minimum_detectable_effect(c, iv.n_seeds, iv.n_problems)
+    note = ("lower bound: one seed, seed variance unknown (taken as 0)" if not c.seeds_counted else
+            f"from {iv.n_seeds} seeds' variance components")
+    if need is None:
+        note = "more than 1000 seeds; " + note
+    return {"paper_effect": effect, "seeds_needed": need, "seeds_note": note, "power_ours": ours, "mde": mde}
+
+
+def claims_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
+    """One row per (paper claim, selection): the paper's difference to GRPO in each table and its range, ours
+    (paired estimate, 95% interval, p-value, scope), the verdict (hdpo.stats.claim_verdict) and the power rows
+    (claim_power). A claim whose method or GRPO is not in the grid, or has no paired records, is 'not tested'."""
+    scores = val_scores(cfg, results_dir)
+    methods = set(cfg.experiment.methods)
+    records = []
+    for claim in PAPER_CLAIMS:
+        diffs = claim_differences(claim)
+        lo_p, hi_p = claim_range(claim)
+        for selection in INTERVAL_SELECTIONS:
+            iv = (_paired(scores, cfg, claim.method, BASELINE, selection, claim.metric)
+                  if {claim.method, BASELINE} <= methods else None)
+            margin = EQUIVALENCE_MARGIN if claim.direction == 0 else math.nan
+            rec = {"claim": claim.text, "key": claim.key, "method": claim.method, "metric": claim.metric,
+                   "direction": claim.direction, "paper_h200": diffs.get("paper_h200", math.nan),
+                   "paper_h100": diffs.get("paper_h100", math.nan), "paper_low": lo_p, "paper_high": hi_p,
+                   "margin": margin, "selection": selection, "note": claim.note}
+            if iv is None:
+                verdict, reason = claim_verdict(math.nan, math.nan, claim.direction, (lo_p, hi_p), margin)
+                rec.update({"verdict": verdict, "reason": reason, "paper_effect": claim_effect(claim)})
+            else:
+                verdict, reason = claim_verdict(iv.low, iv.high, claim.direction, (lo_p, hi_p), margin)
+                rec.update({"estimate": iv.estimate, "low": iv.low, "high": iv.high, "p_value": iv.p_value,
+                            "n_seeds": iv.n_seeds, "n_problems": iv.n_problems, "scope": iv.scope,
+                            "verdict": verdict, "reason": reason, **claim_power(claim, iv)})
+            records.append(rec)
+    frame = pd.DataFrame.from_records(records, columns=CLAIM_COLUMNS)
+    for col in ("n_seeds", "n_problems", "seeds_needed"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
 
 
 def _eval_path(results_dir: Path, method: str, seed, ckpt: str, bench: str) -> Path:
