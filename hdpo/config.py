@@ -217,6 +217,9 @@ class EvalConfig:
     cliff_probe_problems: int = key(
         0, "cliff probe: at each validation after step 0, also sample num_samples plain-prompt rollouts on up to "
            "this many former cliffs (the earliest of the run's ledger): how many the policy now solves")
+    check_policy_config: bool = key(
+        True, "hdpo evaluate --method refuses a policy trained under other settings than this config's run (its "
+              "hdpo_meta.json config_digest): false evaluates it anyway", runtime=True)
 
 
 @dataclass

@@ -17,11 +17,13 @@ from typing import Optional, Sequence
 import torch
 
 from hdpo import distributed as dist
+from hdpo.checkpoint import RunError
 from hdpo.config import Config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.generation import Generator, Sampling, problem_seed
 from hdpo.generators import make_generator
 from hdpo.io import atomic_path, samples_path, write_json, write_jsonl
+from hdpo.model_card import config_digest
 from hdpo.models import load_model, load_tokenizer
 from hdpo.passk import mean_pass_at_k
 from hdpo.progress import EvalProgress
@@ -134,7 +136,7 @@ def eval_digest(cfg: Config, benchmark: str, benchmark_file: Path) -> str:
             "generation": {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k not in BATCHING},
             "batching": batching_keys(cfg), "system_prompt": cfg.data.system_prompt, "benchmark": benchmark,
             "benchmark_file": _sha256_files([benchmark_file])}
-    for k in ("val_period", "reward_workers", "cliff_probe_problems"):  # training-time or speed only
+    for k in ("val_period", "reward_workers", "cliff_probe_problems", "check_policy_config"):  # no sample changes
         keys["eval"].pop(k)
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -194,6 +196,7 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     bench_file = Path(data_dir) / "benchmarks" / f"{benchmark}.jsonl"
     problems = read_problems(bench_file)
     meta = meta or _model_meta(model_dir)  # `meta`: e.g. the untrained model, which has no hdpo_meta.json
+    _check_policy_config(cfg, meta, model_dir)
     t0 = time.time()
     digests = {"model_digest": model_digest(model_dir), "eval_digest": eval_digest(cfg, benchmark, bench_file)}
     out_json = Path(out_json)
@@ -226,6 +229,20 @@ def evaluate_checkpoint(cfg: Config, model_dir: str | Path, benchmark: str, data
     write_json(out_json, result)
     log.info("%s: %s", benchmark, {k: v for k, v in result.items() if k.startswith(("pass@", "greedy"))})
     return result
+
+
+def _check_policy_config(cfg: Config, meta: dict, model_dir: str | Path) -> None:
+    """A policy evaluated for a method of this config must have been trained under this config's settings for it:
+    results copied between machines keep their paths but lose Snakemake's records, so a demo's policy could
+    otherwise be scored and reported as the paper config's run."""
+    trained = meta.get("config_digest")
+    if not (cfg.eval.check_policy_config and cfg.run.method and trained):
+        return
+    wanted = config_digest(cfg)
+    if trained != wanted:
+        raise RunError(f"{model_dir} was trained under other settings (config digest {trained}) than this "
+                       f"config's run of {cfg.run.method} ({wanted}): retrain it (snakemake reruns train when its "
+                       "settings change), or set eval.check_policy_config=false to evaluate it anyway")
 
 
 def _model_meta(model_dir: str | Path) -> dict:

@@ -16,14 +16,21 @@ from hdpo.io import atomic_write_text, read_jsonl, samples_path
 from hdpo.passk import pass_at_k
 from hdpo.stats import Interval, format_interval, mean_interval
 
-# Left out of the digest: the grid and job sizes (the same run in another grid), and the trackers
-NOT_IN_DIGEST = ("experiment", "resources", "tracking")
+# What makes the weights: the method and the sections training reads to update them. Left out: the seed (stated
+# apart), validation and evaluation settings (an evaluation may sample differently from the same weights),
+# checkpointing, benchmarks, the grid, job sizes and trackers, and every runtime-only key.
+IN_DIGEST = ("model", "data", "grpo", "hdpo", "optimizer", "generation")
 
 
 def config_digest(cfg: Config) -> str:
-    """sha256 (first 12 hex) of the run's resolved config less what changes no result (runtime-only keys, the
-    grid, job sizes, trackers): policies with the same digest were trained under the same settings."""
-    data = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_DIGEST}
+    """sha256 (first 12 hex) of the settings that made a policy's weights (its method and the training sections,
+    less runtime-only keys): policies with the same digest were trained the same way, up to their seed. GRPO
+    (distill weight 0) reads no other `hdpo` key, as the workflow's rerun settings."""
+    full = cfg.to_dict()
+    data = {k: full[k] for k in IN_DIGEST}
+    data["method"] = full["run"]["method"]
+    if cfg.hdpo.distill_weight == 0:
+        data["hdpo"] = {"distill_weight": 0}
     for key in iter_keys():
         if key.runtime:
             section, _, name = key.key.partition(".")

@@ -41,7 +41,7 @@ from hdpo.generation import Rollout, Sampling, Speculation, follow_seed, prompt_
 from hdpo.generators import make_generator
 from hdpo.io import append_jsonl, atomic_dir, atomic_path, clean_stale, read_jsonl, recover_dir, write_json, write_jsonl
 from hdpo.losses import leave_one_out_advantages
-from hdpo.model_card import validation_numbers, write_model_card
+from hdpo.model_card import config_digest, validation_numbers, write_model_card
 from hdpo.models import (autocast, default_device, dynamic_shape_attention, eval_mode, load_model, load_tokenizer,
                          resolve_model)
 from hdpo.reward import RewardScorer, RewardStats
@@ -428,7 +428,7 @@ class Trainer:
             self.tok.save_pretrained(tmp)
             faults.hit("policy")
             meta = {"run": self.run_dir.name, "method": self.cfg.run.method, "seed": self.cfg.seed,
-                    "checkpoint": checkpoint, "model_step": step}
+                    "checkpoint": checkpoint, "model_step": step, "config_digest": config_digest(self.cfg)}
             (tmp / "hdpo_meta.json").write_text(json.dumps(meta, indent=2))
             records = read_jsonl(self.val_records_path, drop_torn_tail=True) if self.val_records_path.exists() else []
             write_model_card(tmp, self.cfg, meta, validation_numbers(records, step, self.cfg.eval.pass_k))

@@ -335,3 +335,26 @@ def test_a_damaged_model_folder_is_named_in_one_line(tmp_path, tiny_model_dir, t
                          "--run-dir", str(tmp_path / "run"), "--work-dir", str(tmp_path / "work"),
                          "--set", f"model.name={model}", "model.gguf_file=null", "experiment.require_gpu=false"),
                    *needles)
+
+
+def test_evaluation_refuses_a_policy_trained_under_other_settings(tmp_path, tiny_model_dir, tiny_data):
+    """A policy records the digest of the settings that made it (hdpo_meta.json); `hdpo evaluate --method`
+    under a config whose run of that method differs refuses it in one line naming the override, evaluates it
+    with the override, and evaluates it plainly under its own settings."""
+    from conftest import tiny_config
+    from hdpo.config import run_config, save_config
+    from hdpo.train import train
+
+    cfg = tiny_config(tiny_model_dir, **{"grpo.max_num_steps": 1, "eval.val_period": 1})
+    save_config(cfg, tmp_path / "config.yaml")
+    run = tmp_path / "runs" / "grpo_seed1"
+    train(run_config(cfg, "grpo", 1), tiny_data, run, tmp_path / "work", tmp_path / "models", resume=False)
+    policy = run / "policy_final"
+    args = ("evaluate", "--config", str(tmp_path / "config.yaml"), "--method", "grpo", "--model", str(policy),
+            "--benchmark", "toy", "--data", str(tiny_data), "--out", str(tmp_path / "eval" / "toy.json"))
+    one_line_error(*hdpo(*args, "--set", "optimizer.lr=0.5"), str(policy), "trained under other settings",
+                   "eval.check_policy_config=false")
+    assert not (tmp_path / "eval" / "toy.json").exists()
+    assert hdpo(*args, "--set", "optimizer.lr=0.5", "eval.check_policy_config=false")[0] == 0
+    code, lines = hdpo(*args, "--set", "eval.num_samples=3")
+    assert code == 0, lines  # evaluation settings are not training's
