@@ -121,9 +121,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> Config:
-    cfg = load_config(args.config, list(args.set))
-    if getattr(args, "method", None):
-        return run_config(cfg, args.method, getattr(args, "seed", None))
+    method = getattr(args, "method", None)
+    # a job checks the merged config and its own run config, once each (the workflow checked every method's)
+    cfg = load_config(args.config, list(args.set), check_runs=not method)
+    if method:
+        return run_config(cfg, method, getattr(args, "seed", None))
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     return cfg

@@ -684,8 +684,10 @@ def from_dict(data: dict, overrides: Optional[dict[str, Any]] = None, _runs: boo
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[str, Any]] = None) -> Config:
-    """Read the YAML once, apply `key=value` overrides, validate. The only place a config file is read."""
+def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[str, Any]] = None,
+                check_runs: bool = True) -> Config:
+    """Read the YAML once, apply `key=value` overrides, validate. The only place a config file is read.
+    `check_runs=False`: leave the methods' run configs unbuilt (a job builds and checks its own one)."""
     data: dict = {}
     if path is not None:
         try:
@@ -700,7 +702,7 @@ def load_config(path: str | Path | None, overrides: Optional[list[str] | dict[st
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     try:
-        return from_dict(data, overrides)
+        return from_dict(data, overrides, _runs=check_runs)
     except ConfigError as err:  # say where the bad value came from: an override, else the file
         where = "--set" if any(k in str(err) for k in overrides or {}) else path
         raise (ConfigError(f"{where}: {err}") if where else err) from None

@@ -47,6 +47,16 @@ def test_each_config_is_checked_once(checks):
     assert checks[0] == 1
 
 
+def test_a_job_checks_the_merged_config_and_its_run_config_once_each(checks):
+    """`hdpo train --method M --seed S` (what a workflow job runs): 2 checks, not one per method of the grid."""
+    from hdpo.cli import _config, _parser
+
+    args = _parser().parse_args(["train", "--config", str(DEMO), "--method", "grpo", "--seed", "3", "--data", "d",
+                                 "--run-dir", "r", "--work-dir", "w"])
+    cfg = _config(args)
+    assert checks[0] == 2 and (cfg.run.method, cfg.seed) == ("grpo", 3)
+
+
 def test_a_run_config_is_the_same_from_a_config_or_its_data():
     data = yaml.safe_load(DEMO.read_text())
     cfg = from_dict(data)
