@@ -58,7 +58,8 @@ def work_dir(root: str, run: str, settings_digest: str) -> str:
 
 TABLE_NAMES = ("table1", "validation", "differences", "benchmarks")  # each as .csv (the truth), .md, .tex
 TABLES = [f"results/tables/{n}.{ext}" for n in TABLE_NAMES for ext in ("csv", "md", "tex")] + [
-    "results/tables/benchmarks_intervals.csv", "results/tables/cliffs.csv", "results/tables/cliffs.md"]
+    "results/tables/benchmarks_intervals.csv", "results/tables/cliffs.csv", "results/tables/cliffs.md",
+    "results/tables/claims.csv", "results/tables/claims.md"]
 FIGURE_NAMES = ("val_passk", "training", "cliffs", "cliff_recovery", "passk_curve", "lambda_sweep", "forest",
-                "benchmarks")
+                "benchmarks", "claims")  # hdpo.report.figures draws these
 FIGURES = [f"figures/{n}.{ext}" for n in FIGURE_NAMES for ext in ("png", "pdf")]

@@ -284,7 +284,7 @@ def reuse_option(reused: list[str]) -> str:
 # The report's code per rule: tables and figures rerun when code they import changes.
 _REPORT_COMMON = ["report/__init__.py", "report/names.py", "report/frames.py", "stats.py", "paper.py", "passk.py"]
 _REPORT_CODE = {"tables": _REPORT_COMMON + ["report/tables.py", "ledger.py"],
-                "figures": _REPORT_COMMON + ["report/figures.py", "plot_style.mplstyle"]}
+                "figures": _REPORT_COMMON + ["report/figures.py", "layout.py", "plot_style.mplstyle"]}
 
 
 def report_code(repo: Path, rule: str) -> list[str]:

@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 
 from hdpo.config import Config
 from hdpo.io import atomic_path
+from hdpo.layout import FIGURE_NAMES
 from hdpo.paper import SOURCES, paper_value
 from hdpo.report.frames import (INTERVAL_SELECTIONS, bench_interval_frame, benchmarks_frame, claims_frame,
                                 difference_frame,
@@ -39,8 +40,6 @@ from hdpo.report.names import (BASE, baseline_of, benchmark_label, method_label,
                                methods_of, metric_label)
 
 STYLE_FILE = Path(__file__).resolve().parent.parent / "plot_style.mplstyle"
-FIGURE_NAMES = ("val_passk", "training", "cliffs", "cliff_recovery", "passk_curve", "lambda_sweep", "forest",
-                "benchmarks", "claims")
 SINGLE_COLUMN_IN = 3.5
 DOUBLE_COLUMN_IN = 7.0
 SELECTION_MARKERS = {"best": "o", "final": "s", "held-out": "D"}
