@@ -47,6 +47,8 @@ def hit(point: str) -> Optional[str]:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "sigint":
+        # as Ctrl-C on a terminal, also where SIGINT came ignored (a background job of a non-interactive shell)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

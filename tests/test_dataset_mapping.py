@@ -89,7 +89,7 @@ def test_new_benchmark_through_config_alone_cli(tmp_path, data_dir, tiny_model_d
     cfg["benchmarks"]["magic"] = {"path": bench, "problem_key": "question"}
     cfg["experiment"]["benchmarks"] = ["magic"]
     cfg["model"] = {"name": str(tiny_model_dir), "gguf_file": None, "gguf_package": None}
-    cfg["generation"].update({"max_new_tokens": 12})
+    cfg["generation"].update({"max_new_tokens": 12, "backend": "transformers"})  # the engine is not the test
     cfg["eval"].update({"num_samples": 2, "pass_k": [1, 2], "reward_workers": 0, "greedy": True})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
