@@ -124,11 +124,13 @@ def t_sf(t, df) -> np.ndarray:
     """P(T > t) for Student's t with `df` (> 0, may be fractional) degrees of freedom; df = inf: the normal."""
     t, df = np.broadcast_arrays(np.asarray(t, dtype=float), np.asarray(df, dtype=float))
     finite = np.isfinite(df)
-    safe_df = np.where(finite, df, 1.0)
-    tail = 0.5 * _betainc(safe_df / 2, 0.5, safe_df / (safe_df + t ** 2))
-    normal = 0.5 * np.vectorize(math.erfc, otypes=[float])(t / math.sqrt(2))
-    upper = np.where(t >= 0, tail, 1 - tail)
-    return np.where(finite, upper, normal)
+    valid = ~(df <= 0) & ~np.isnan(df) & ~np.isnan(t)  # no degrees of freedom (nothing varies): undefined
+    safe_df = np.where(finite & valid, df, 1.0)
+    safe_t = np.where(valid, t, 0.0)
+    tail = 0.5 * _betainc(safe_df / 2, 0.5, safe_df / (safe_df + safe_t ** 2))
+    normal = 0.5 * np.vectorize(math.erfc, otypes=[float])(safe_t / math.sqrt(2))
+    upper = np.where(safe_t >= 0, tail, 1 - tail)
+    return np.where(valid, np.where(finite, upper, normal), np.nan)
 
 
 def _t_pdf(t: np.ndarray, df: np.ndarray) -> np.ndarray:
@@ -143,6 +145,12 @@ def t_quantile(q: float, df) -> np.ndarray:
     """The q-quantile (q in (0.5, 1)) of Student's t with `df` degrees of freedom: Newton's method on t_sf,
     kept inside a shrinking bracket (a step that leaves it bisects instead), to 1e-12 relative."""
     df = np.asarray(df, dtype=float)
+    if np.any(~(df > 0)):  # no degrees of freedom anywhere: no quantile (rather than a math domain error)
+        out = np.full_like(df, np.nan)
+        ok = df > 0
+        if ok.any():
+            out[ok] = t_quantile(q, df[ok])
+        return out if out.ndim else out[()]
     lo, hi = np.zeros_like(df), np.full_like(df, 1e7)
     t = np.full_like(df, 2.0)
     for _ in range(200):
@@ -360,9 +368,12 @@ def claim_verdict(low: float, high: float, direction: int, claimed: tuple[float,
       supported     the interval lies inside (-margin, +margin)
       contradicted  the interval lies outside it (low >= margin or high <= -margin)
       inconclusive  otherwise: it straddles a margin
-    A NaN interval (no paired runs): not tested."""
+    A NaN interval (no paired runs): not tested. A zero-width interval (every paired difference the same, e.g.
+    a handful of problems all scored alike) measures no noise, so it judges nothing: inconclusive."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return NOT_TESTED, "no paired runs"
+    if low == high:
+        return INCONCLUSIVE, "a zero-width interval: the paired differences do not vary, so no noise was measured"
     if direction == 0:
         if not margin > 0:
             raise ValueError("an equivalence claim needs a margin > 0")

@@ -56,7 +56,7 @@ def write_run(results: Path, method: str, seed: int, n_problems: int = 60, steps
                 pc = rng.binomial(n, np.clip(0.05 + 2 * EFFECT[method] * step / steps, 0, 1), size=10)
                 records.append({"step": step, "set": "cliff_probe", "num_samples": n, "ids": [f"t{i}" for i in range(10)],
                                 "indices": list(range(10)), "cliff_steps": [1] * 10, "num_correct": pc.tolist()})
-            res = mean_pass_at_k(c.tolist(), n, [1, 2, 4, 8])
+            res = mean_pass_at_k(c.tolist(), n, [k for k in (1, 2, 4, 8) if k <= n])
             metrics.append({"kind": "val", "step": step, **{f"val/{k}": v for k, v in res.items()},
                             "val/greedy_acc": float(g.mean()), "val/num_problems": n_problems, "val/num_samples": n})
         if step < steps:

@@ -48,7 +48,7 @@ def test_claims_come_from_the_tables():
 
 @pytest.mark.parametrize("low, high, verdict, reason", [
     (0.005, 0.030, SUPPORTED, "claimed side"),       # above 0, holds the paper's 1.46-1.70
-    (0.016, 0.016, SUPPORTED, "claimed side"),
+    (0.016, 0.0161, SUPPORTED, "claimed side"),  # (a zero-width interval judges nothing)
     (-0.010, 0.030, INCONCLUSIVE, "holds 0"),
     (-0.030, -0.001, CONTRADICTED, "wrong side"),
     (-0.010, 0.010, CONTRADICTED, "smaller"),        # holds 0 but rules out the paper's size
@@ -236,3 +236,31 @@ def test_a_claim_whose_method_did_not_run_is_not_tested(tmp_path):
                      "experiment": {"methods": paper_methods("grpo"), "seeds": [1], "benchmarks": []}})
     frame = claims_frame(cfg, tmp_path / "results")
     assert len(frame) == 24 and set(frame["verdict"]) == {NOT_TESTED}
+
+
+def test_a_claim_on_a_metric_the_runs_did_not_record_is_not_tested(tmp_path):
+    """Runs that sample 4 per problem and record pass@1, 2 and 4 (as the demo): the pass@8 claims are 'not
+    tested' with the reason, not a crash; the others are judged."""
+    from hdpo.config import from_dict
+    from hdpo.report.frames import claims_frame
+    from synthetic_results import config as synthetic_config
+    from synthetic_results import write_run
+
+    base = synthetic_config(seeds=(1, 2))
+    cfg = from_dict({**base.to_dict(), "eval": {**base.to_dict()["eval"], "pass_k": [1, 2, 4], "num_samples": 4}})
+    for m in cfg.experiment.methods:
+        for seed in cfg.experiment.seeds:
+            write_run(tmp_path, m, seed, n=4)
+    frame = claims_frame(cfg, tmp_path)
+    eight = frame[frame["metric"] == "pass@8"]
+    assert len(eight) and (eight["verdict"] == "not tested").all()
+    assert eight["reason"].str.contains("pass@8 not evaluated").all()
+    assert (frame[frame["metric"] != "pass@8"]["verdict"] != "not tested").any()
+
+
+def test_a_zero_width_interval_judges_nothing():
+    """Two problems scored alike by both runs give the interval [0, 0]: no noise measured, no verdict."""
+    from hdpo.stats import INCONCLUSIVE, claim_verdict
+
+    assert claim_verdict(0.0, 0.0, -1, (-0.0225, -0.0166))[0] == INCONCLUSIVE
+    assert claim_verdict(0.0, 0.0, 0, margin=0.01)[0] == INCONCLUSIVE

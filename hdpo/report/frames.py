@@ -566,9 +566,11 @@ def claims_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
     for claim in PAPER_CLAIMS:
         diffs = claim_differences(claim)
         lo_p, hi_p = claim_range(claim)
+        # a metric the runs did not record (e.g. pass@8 with eval.pass_k [1, 2, 4]) leaves the claim untested
+        recorded = all(claim.metric in r.scores for (m, _), r in scores.items() if m in (claim.method, BASELINE))
         for selection in INTERVAL_SELECTIONS:
             iv = (_paired(scores, cfg, claim.method, BASELINE, selection, claim.metric)
-                  if {claim.method, BASELINE} <= methods else None)
+                  if {claim.method, BASELINE} <= methods and recorded else None)
             margin = EQUIVALENCE_MARGIN if claim.direction == 0 else math.nan
             rec = {"claim": claim.text, "key": claim.key, "method": claim.method, "metric": claim.metric,
                    "direction": claim.direction, "paper_h200": diffs.get("paper_h200", math.nan),
@@ -576,6 +578,8 @@ def claims_frame(cfg: Config, results_dir: str | Path) -> pd.DataFrame:
                    "margin": margin, "selection": selection, "note": claim.note}
             if iv is None:
                 verdict, reason = claim_verdict(math.nan, math.nan, claim.direction, (lo_p, hi_p), margin)
+                if not recorded:
+                    reason = f"{claim.metric} not evaluated (not in eval.pass_k, or above eval.num_samples)"
                 rec.update({"verdict": verdict, "reason": reason, "paper_effect": claim_effect(claim)})
             else:
                 verdict, reason = claim_verdict(iv.low, iv.high, claim.direction, (lo_p, hi_p), margin)
