@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from hdpo.checkpoint import RunError
 from hdpo.generation import Generator, TransformersGenerator
 from hdpo.generation_vllm import VLLMGenerator, configure_vllm_env, vllm_runs_on_cpu
 
@@ -20,10 +21,20 @@ def make_generator(backend: str, model, tokenizer, batch_size: int, max_total_le
     if backend == "transformers":
         return TransformersGenerator(model, tokenizer, batch_size, max_total_length, dtype)
     if backend == "vllm":
+        check_positions(model, max_total_length)
         check_vllm_runs_here(model)
         return VLLMGenerator(model, tokenizer, max_total_length, gpu_memory_utilization, dtype=dtype,
                              cpu_kv_cache_gib=cpu_kv_cache_gib)
     raise ValueError(f"generation.backend: unknown backend {backend!r}")
+
+
+def check_positions(model, max_total_length: int) -> None:
+    """vLLM refuses a length beyond the model's positions with a long validation traceback: say it in one line."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_total_length > limit:
+        raise RunError(f"model.max_total_sequence_length={max_total_length} is more than the model's "
+                       f"{limit} positions (max_position_embeddings in its config.json): vLLM refuses it; set "
+                       f"model.max_total_sequence_length to at most {limit}")
 
 
 def check_vllm_runs_here(model) -> None:

@@ -72,6 +72,17 @@ def test_vllm_cuda_build_without_cuda_fails_at_once(monkeypatch):
         make_generator("vllm", None, None, 4, 512)
 
 
+def test_vllm_backend_beyond_the_models_positions_is_one_line(tiny):
+    """The tiny model has 1024 positions: a 4096-token budget is refused before any engine starts (vLLM itself
+    would stop with a long validation traceback)."""
+    from hdpo.checkpoint import RunError
+
+    model, tok = tiny
+    with pytest.raises(RunError, match=r"^model\.max_total_sequence_length=4096 is more than the model's 1024 "
+                                       r"positions .*at most 1024$"):
+        make_generator("vllm", model, tok, 4, 4096)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="sglang"):
         make_generator("sglang", None, None, 4, 512)
