@@ -23,7 +23,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be read by others
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are meant to be read by others
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -116,7 +116,8 @@ def clean_stale(folder: str | Path) -> list[str]:
     return acted
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hdpo.config import ModelConfig
+from hdpo.io import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def convert_gguf(src: Path, dest: Path) -> Path:
 
 
 def _ordinary_permissions(folder: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(folder, 0o777 & ~umask)
     for f in folder.rglob("*"):
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)

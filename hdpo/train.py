@@ -517,9 +517,10 @@ class Trainer:
         source = Path(self.model_name)  # a saved policy also holds the tokenizer and config files
         extras = sum(ckpt.folder_bytes(f) for f in source.iterdir()
                      if f.suffix not in (".safetensors", ".bin", ".gguf", ".pt")) if source.is_dir() else 0
-        policy_bytes = ckpt.tensor_bytes(params) + extras
+        weight_bytes = ckpt.tensor_bytes(params)
+        policy_bytes = weight_bytes + extras
         # AdamW keeps two moments per parameter, in the parameter's dtype
-        ckpt_bytes = ckpt.tensor_bytes(params) + 2 * ckpt.tensor_bytes([p for p in params if p.requires_grad])
+        ckpt_bytes = weight_bytes + 2 * ckpt.tensor_bytes([p for p in params if p.requires_grad])
         existing = ckpt.folder_bytes(self.ckpt_path) + ckpt.folder_bytes(self.work_dir / "policy_best")
         ckpt.preflight(self.work_dir, self.run_dir, ckpt_bytes, policy_bytes, existing_bytes=existing)
 

@@ -152,7 +152,7 @@ def _grpo_backward(model, items: list[GrpoItem], n_grpo: float, objective: Objec
         hidden, ids = micro.hidden(model, [g.prompt_ids for g in items], [g.response_ids for g in items])
         lp = chunked_token_logprobs(hidden, weight, bias, ids[:, None], objective.temperature, micro.chunk).squeeze(-1)
     old = lp.detach()
-    weights = _sampler_diagnostics(lp, old, items, objective, parts)
+    weights = _sampler_diagnostics(old, items, objective, parts)
     # one advantage per token (the flat layout has no padding, so the mask is all ones)
     adv = torch.tensor([g.advantage for g in items for _ in g.response_ids], dtype=lp.dtype, device=lp.device)
     loss = grpo_token_loss_sum(lp[:, None], old[:, None], adv, torch.ones_like(lp)[:, None], objective.clip_low,
@@ -161,16 +161,17 @@ def _grpo_backward(model, items: list[GrpoItem], n_grpo: float, objective: Objec
     parts.grpo += loss.item()
 
 
-def _sampler_diagnostics(lp: torch.Tensor, old: torch.Tensor, items: list[GrpoItem], objective: Objective,
+def _sampler_diagnostics(old: torch.Tensor, items: list[GrpoItem], objective: Objective,
                          parts: UpdateParts) -> Optional[torch.Tensor]:
-    """Adds the engine/trainer mismatch to `parts`; returns the correction's weights per token (or None)."""
+    """Adds the engine/trainer mismatch to `parts` (`old`: the trainer's detached log-probs of the tokens);
+    returns the correction's weights per token (or None)."""
     if any(g.sampler_logprobs is None for g in items):
         return None
     lengths = [len(g.response_ids) for g in items]
     if [len(g.sampler_logprobs) for g in items] != lengths:
         raise ValueError("the sampler's log-probs do not cover the rollouts' tokens one to one")
-    sampled = torch.tensor([x for g in items for x in g.sampler_logprobs], dtype=lp.dtype, device=lp.device)
-    parts.mismatch_sum += (lp.detach() - sampled).abs().sum().item()
+    sampled = torch.tensor([x for g in items for x in g.sampler_logprobs], dtype=old.dtype, device=old.device)
+    parts.mismatch_sum += (old - sampled).abs().sum().item()
     parts.mismatch_tokens += sampled.numel()
     if objective.correction == "none":
         return None

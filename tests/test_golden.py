@@ -23,8 +23,9 @@ import torch
 import transformers
 
 from conftest import tiny_config
-from hdpo.io import read_jsonl, write_jsonl
+from hdpo.io import read_jsonl
 from hdpo.train import train
+from test_train import _data
 
 GOLDEN = Path(__file__).parent / "golden" / "train_runs.json"
 
@@ -66,22 +67,13 @@ def weights_digest(folder: Path) -> tuple[str, dict]:
     return h.hexdigest(), sums
 
 
-def _data(tmp_path: Path) -> Path:
-    from conftest import tiny_problems
-
-    d = tmp_path / "data"
-    probs = tiny_problems()  # answers 8, 8, 7, 8, 7, 8: cliffs and solved prompts side by side
-    write_jsonl(d / "train.jsonl", [p.to_dict() for p in probs])
-    write_jsonl(d / "val.jsonl", [p.to_dict() for p in probs[:2]])
-    return d
-
-
 def run_golden(model_dir: Path, tmp_path: Path, name: str) -> dict:
     overrides = {"grpo.max_num_steps": 3, "eval.val_period": 3, "grpo.num_prompts_per_step": 3,
                  **RUNS[name]}
     cfg = tiny_config(model_dir, **overrides)
     run_dir = tmp_path / "runs" / name
-    train(cfg, _data(tmp_path), run_dir, tmp_path / "work" / name, tmp_path / "models", resume=False)
+    # every toy problem (answers 8, 8, 7, 8, 7, 8): cliffs and solved prompts side by side
+    train(cfg, _data(tmp_path, {"7", "8"}), run_dir, tmp_path / "work" / name, tmp_path / "models", resume=False)
     metrics = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(run_dir / "metrics.jsonl")]
     sha, sums = weights_digest(run_dir / "policy_final")
     return {"metrics": metrics, "ledger": read_jsonl(run_dir / "cliffs.jsonl"), "weights_sha256": sha,
