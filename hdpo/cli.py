@@ -44,6 +44,10 @@ def _prepare_data_options(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--out", required=True, help="output folder (e.g. results/data)")
     p.add_argument("--data-dir", default=None, help="folder of local mirrors (default: $HDPO_DATA_DIR)")
+    p.add_argument("--splits", action="store_true", help="write the train/validation split (and summary.json); "
+                                                          "with --benchmark, only what is named")
+    p.add_argument("--benchmark", action="append", default=None, metavar="NAME",
+                   help="write this benchmark's file (repeatable); neither option: the split and every benchmark")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -189,7 +193,9 @@ def _run_prepare_data(args, cfg: Config) -> None:
 
     check_writable(args.out, "prepared data")
     try:
-        summary = prepare_data(cfg, args.out, args.data_dir)  # None: $HDPO_DATA_DIR
+        only = args.splits or args.benchmark  # the workflow's jobs each ask for one part
+        summary = prepare_data(cfg, args.out, args.data_dir,  # None: $HDPO_DATA_DIR
+                               splits=args.splits or not only, benchmarks=args.benchmark or ([] if only else None))
     except ConnectionError as err:
         raise SystemExit(f"hdpo: cannot reach the Hugging Face Hub ({err}): {DEMO_HINT}") from None
     log.info("prepared data: %s", summary.get("counts", summary))

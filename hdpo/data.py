@@ -399,10 +399,8 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 # --- the prepare_data step ----------------------------------------------------------------------------------------
 
-def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = None) -> dict:
-    """Write train.jsonl, val.jsonl, benchmarks/<name>.jsonl and summary.json under out_dir; return the summary."""
-    out_dir = Path(out_dir)
-    d = cfg.data
+def _split_pool(d, data_dir: Optional[str], outputs: dict) -> dict:
+    """The training pool, split 95/5 into outputs['train.jsonl'] and outputs['val.jsonl']; its summary."""
     pool, sources = [], []
     for i, spec in enumerate(d.train):
         problems, origin = _load_problems(spec, data_dir, f"train{i}")
@@ -415,18 +413,38 @@ def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = Non
     train, val = split_train_val(pool, d.val_fraction, d.split_seed, d.max_val_problems)
     dropped = len(pool) - len(train) - len(val)
     logger.info("split %d problems: %d train, %d validation (seed %d)", len(pool), len(train), len(val), d.split_seed)
-    outputs = {"train.jsonl": train, "val.jsonl": val}
-    benchmarks = {}
-    for name in cfg.experiment.benchmarks:  # every source read before anything is written
+    outputs["train.jsonl"], outputs["val.jsonl"] = train, val
+    return {"train_sources": sources, "pool": len(pool),
+            "split": {"val_fraction": d.val_fraction, "seed": d.split_seed, "max_val_problems": d.max_val_problems,
+                      "val_dropped_by_cap": dropped}}
+
+
+def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = None, splits: bool = True,
+                 benchmarks: Optional[list[str]] = None) -> dict:
+    """Write train.jsonl, val.jsonl and summary.json (`splits`) and benchmarks/<name>.jsonl for each of
+    `benchmarks` (None: every one in experiment.benchmarks) under out_dir; return the summary.
+
+    The workflow asks for one part per job (the splits, or one benchmark), so a benchmark's settings rewrite
+    only its own file and training never sees a rewritten split it did not ask for."""
+    out_dir = Path(out_dir)
+    outputs: dict[str, list[Problem]] = {}
+    summary: dict = {}
+    if splits:
+        summary = _split_pool(cfg.data, data_dir, outputs)
+    names = list(cfg.experiment.benchmarks) if benchmarks is None else list(benchmarks)
+    unknown = [n for n in names if n not in cfg.benchmarks]
+    if unknown:
+        raise DataError(f"benchmark {unknown[0]!r}: not under benchmarks: in the config "
+                        f"(known: {', '.join(sorted(cfg.benchmarks))})")
+    summary["benchmarks"] = {}
+    for name in names:  # every source read before anything is written
         spec = cfg.benchmarks[name]
         problems, origin = _load_problems(spec, data_dir, name)
         outputs[f"benchmarks/{name}.jsonl"] = problems
-        benchmarks[name] = {"format": spec.format, "origin": origin, "count": len(problems)}
+        summary["benchmarks"][name] = {"format": spec.format, "origin": origin, "count": len(problems)}
     files = {name: len(problems) for name, problems in outputs.items()}
-    summary = {"files": files, "train_sources": sources, "pool": len(pool),
-               "split": {"val_fraction": d.val_fraction, "seed": d.split_seed, "max_val_problems": d.max_val_problems,
-                         "val_dropped_by_cap": dropped},
-               "benchmarks": benchmarks}
+    summary = {"files": files, **summary}
+    written = [*outputs, "summary.json"] if splits else list(outputs)
     # Staged beside the outputs, then moved in by renames: a full disk leaves the earlier files as they were,
     # never a train.jsonl of one split beside a summary of another.
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -434,8 +452,9 @@ def prepare_data(cfg: Config, out_dir: str | Path, data_dir: Optional[str] = Non
     try:
         for name, problems in outputs.items():
             write_jsonl(stage / name, (p.to_dict() for p in problems))
-        write_json(stage / "summary.json", summary)
-        for name in [*outputs, "summary.json"]:
+        if splits:
+            write_json(stage / "summary.json", summary)
+        for name in written:
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / name, out_dir / name)
     finally:

@@ -164,8 +164,11 @@ class Settings:
         self.records = dict(cfg.experiment.methods)
 
     def data(self) -> str:
-        return _json({**_sections(self.raw, "data"),
-                      "benchmarks": {b: self._benchmark(b) for b in self.cfg.experiment.benchmarks}})
+        """The split: the `data` section only (a benchmark's settings rewrite that benchmark's file alone)."""
+        return _json(_sections(self.raw, "data"))
+
+    def benchmark(self, bench: str) -> str:
+        return _json({"benchmark": self._benchmark(bench)})
 
     def train(self, method: str) -> str:
         """Everything training reads except the grid (method and seed are in the output path), the benchmarks
@@ -237,7 +240,7 @@ def _json(obj) -> str:
 # --- the jobs: resources, interpreter, code ----------------------------------------------------------------------
 
 RESOURCE_DEFAULTS = {  # per rule, where the config's `resources.<rule>` does not say
-    "prepare_data": {"gpu": 0, "threads": 1, "mem_mb": 8000, "runtime": 60},
+    "prepare_data": {"gpu": 0, "threads": 1, "mem_mb": 8000, "runtime": 60},  # prepare_benchmark's too
     "train": {"gpu": 0, "threads": 1, "mem_mb": 16000, "runtime": 600},
     "evaluate": {"gpu": 0, "threads": 1, "mem_mb": 16000, "runtime": 120},
     "report": {"gpu": 0, "threads": 1, "mem_mb": 4000, "runtime": 15},

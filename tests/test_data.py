@@ -278,6 +278,15 @@ def test_prepare_data(tmp_path):
     prepare_data(cfg, out, data_dir=str(DATA_DIR))
     assert {n: (out / n).read_bytes() for n in names} == before
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(Path(n).name for n in names)
+    # the workflow's jobs each write one part, byte for byte as the whole does, and nothing else
+    parts = tmp_path / "parts"
+    prepare_data(cfg, parts, data_dir=str(DATA_DIR), splits=False, benchmarks=["m5"])
+    assert [p.name for p in parts.rglob("*") if p.is_file()] == ["m5.jsonl"]
+    prepare_data(cfg, parts, data_dir=str(DATA_DIR), benchmarks=[])
+    assert {n: (parts / n).read_bytes() for n in names if n != "summary.json"} == {
+        n: b for n, b in before.items() if n != "summary.json"}
+    with pytest.raises(DataError, match=r"benchmark 'aime': not under benchmarks"):
+        prepare_data(cfg, parts, data_dir=str(DATA_DIR), splits=False, benchmarks=["aime"])
 
 
 def test_read_problems_names_bad_row(tmp_path):

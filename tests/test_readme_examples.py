@@ -36,4 +36,5 @@ def test_readme_method_example_is_a_target(tmp_path):
 
     out = snakemake(tmp_path, "hdpo_topk8", "-n", "--cores", "2", "--configfile", str(REPO / "config" / "demo.yaml"),
                     str(mine))
-    assert job_counts(out) == {"prepare_data": 1, "train": 1, "evaluate": 4, "hdpo_topk8": 1}
+    assert job_counts(out) == {"prepare_data": 1, "prepare_benchmark": 2, "train": 1, "evaluate": 4,
+                               "hdpo_topk8": 1}

@@ -3,7 +3,7 @@
 rule evaluate:
     input:
         model=policy_dir("{run}", "{ckpt}"),
-        data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
+        data=f"{DATA_DIR}/benchmarks/{{bench}}.jsonl",
         reuse=reuse_input,
     output:
         result=eval_result("{run}", "{ckpt}", "{bench}"),
@@ -36,7 +36,7 @@ rule evaluate:
 # evaluate_base: the untrained model (step 0) on one benchmark, a row of its own in the benchmark tables.
 rule evaluate_base:
     input:
-        data=ancient(f"{DATA_DIR}/benchmarks/{{bench}}.jsonl"),
+        data=f"{DATA_DIR}/benchmarks/{{bench}}.jsonl",
     output:
         result=base_eval_result("{bench}"),
         samples=eval_samples(base_eval_result("{bench}")),

@@ -1,13 +1,13 @@
 # train: one run = one method x one seed (Algorithm 1; validation every eval.val_period steps inside).
-# Inputs are `ancient`: a rewritten split file (e.g. prepare_data rerun because a benchmark was added) does
-# not retrain; a changed data config does, through `params.settings`.
+# Its inputs are the split files alone (benchmarks have jobs of their own), so a new or edited benchmark never
+# retrains; a changed data config rewrites the split and retrains.
 # Resumable checkpoints go to params.work_dir (results/checkpoints/<run>/<settings digest>), which is not an
 # output: Snakemake deletes a job's outputs before it starts, and `--resume` continues from the last
 # checkpoint there (a killed or timed-out job continues its trajectory when rerun).
 rule train:
     input:
-        train=ancient(f"{DATA_DIR}/train.jsonl"),
-        val=ancient(f"{DATA_DIR}/val.jsonl"),
+        train=f"{DATA_DIR}/train.jsonl",
+        val=f"{DATA_DIR}/val.jsonl",
     output:
         metrics=f"{run_dir(RUN)}/metrics.jsonl",
         summary=f"{run_dir(RUN)}/summary.json",
