@@ -9,7 +9,11 @@ checkpoint_write (while the checkpoint bytes are written), policy (while a polic
 (while a metrics line is appended).
 actions: kill (SIGKILL this process), sigint (SIGINT, as Ctrl-C), enospc (raise OSError ENOSPC), inf (the trainer
 poisons a gradient),
-tear (write half of the metrics line, then SIGKILL).
+tear (write half of the metrics line, then SIGKILL), hang (sleep until killed, as a stuck job that only the
+scheduler's time limit ends).
+
+    HDPO_FAULT_ONCE=<file>     fire only in the first process to get there: it creates <file> (holding its
+                               SLURM job id, if any) and a retried job, finding the file, runs clean
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import errno
 import math
 import os
 import signal
+import time
 from typing import Optional
 
 _counts: dict[str, int] = {}
@@ -43,7 +48,18 @@ def hit(point: str) -> Optional[str]:
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] != spec[2]:
         return None
+    once = os.environ.get("HDPO_FAULT_ONCE")
+    if once:
+        try:
+            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return None
+        os.write(fd, f"{os.environ.get('SLURM_JOB_ID', '')}\n".encode())
+        os.close(fd)
     action = spec[0]
+    if action == "hang":
+        while True:
+            time.sleep(60)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "sigint":
