@@ -60,10 +60,17 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", required=True, help="resumable checkpoints; not a Snakemake output")
     p.add_argument("--model-cache", default=None, help="where converted models go (default: results/models)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work-dir if any")
+    _stop_with(p)
+
+
+def _stop_with(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stop-with", type=int, default=None, metavar="PID",
+                   help="stop (as on Ctrl-C) once this process is gone; the workflow passes its Snakemake's pid")
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
     _common(p)
+    _stop_with(p)
     p.add_argument("--model", default=None, help="a policy folder written by train")
     p.add_argument("--base", action="store_true",
                    help="evaluate the untrained model of the config (model.*) instead of --model")
@@ -97,6 +104,12 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--results", default="results")
     p.add_argument("--out", required=True)
+
+
+def _clean_options(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--results", default="results", help="the results folder (its runs/ hold the published runs)")
+    p.add_argument("--apply", action="store_true", help="free what the policy lets go (default: only show it)")
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
@@ -171,13 +184,23 @@ def main(argv: list[str] | None = None) -> None:
         cfg = _config(args)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"hdpo: bad config: {err}") from None
+    watch = None
+    if getattr(args, "stop_with", None):
+        from hdpo.watchdog import stop_with
+
+        watch = stop_with(args.stop_with, what=f"hdpo {args.command}")
     try:
         _run(args, cfg)
+    except KeyboardInterrupt:  # Ctrl-C, or the watched Snakemake gone (train says where it stopped itself)
+        raise SystemExit(f"hdpo {args.command}: interrupted: rerun the same command") from None
     except Exception as err:  # a user's mistake gets one line; a bug keeps its traceback
         line = _user_error(err)
         if not line or args.verbose:
             raise
         raise SystemExit(f"hdpo {args.command}: {line}") from None
+    finally:
+        if watch is not None:
+            watch.set()
 
 
 def _run(args, cfg: Config) -> None:
@@ -252,6 +275,23 @@ def _run_preflight(args, cfg: Config) -> None:
         raise SystemExit(1)
 
 
+def _run_clean(args, cfg: Config) -> None:
+    from hdpo import retention
+    from hdpo.layout import CHECKPOINTS_DIR
+
+    checkpoints = Path(cfg.checkpoint.dir or CHECKPOINTS_DIR)
+    folders = retention.survey(checkpoints, Path(args.results) / "runs", cfg.checkpoint.keep_finished_state,
+                               cfg.checkpoint.keep_superseded)
+    print(f"work folders under {checkpoints} (checkpoint.keep_finished_state: "
+          f"{str(cfg.checkpoint.keep_finished_state).lower()}, checkpoint.keep_superseded: "
+          f"{str(cfg.checkpoint.keep_superseded).lower()})\n")
+    print(retention.table(folders))
+    if args.apply:
+        print(f"freed {retention.human(retention.apply(folders))}")
+    elif any(f.free for f in folders):
+        print("(nothing deleted: add --apply)")
+
+
 def _run_report(args, cfg: Config) -> None:
     from hdpo.checkpoint import check_writable
 
@@ -294,6 +334,8 @@ COMMANDS = {  # in the order `hdpo --help` lists them
     "preflight": Command("check this node before a long run: kill/resume, memory, speed, verdict",
                          _preflight_options, _run_preflight),
     "report": Command("tables or figures from aggregated results", _report_options, _run_report),
+    "clean": Command("show (and with --apply free) superseded work folders and finished runs' resumable state",
+                     _clean_options, _run_clean),
     "export": Command("a policy as a bf16 (model.dtype) transformers folder with its model card",
                       _export_options, _run_export),
     "config": Command("list every config key (doc, value, paper's value) or print the schema",

@@ -232,6 +232,11 @@ class CheckpointConfig:
                                    "Snakemake output)", runtime=True)
     tensorboard: bool = key(False, "also log every metrics row as TensorBoard scalars under <work dir>/tensorboard",
                             runtime=True)
+    keep_finished_state: bool = key(
+        True, "keep a finished run's resumable checkpoint (weights + optimizer state, ~12 bytes per parameter) to "
+              "extend or republish it; false: the trainer deletes it once the policies are published", runtime=True)
+    keep_superseded: bool = key(
+        True, "keep the work folders of a run's earlier settings (`hdpo clean` frees them when false)", runtime=True)
 
 
 @dataclass

@@ -18,7 +18,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pickle
+import platform
 import random
 import shutil
 import time
@@ -34,6 +36,7 @@ from hdpo import checkpoint as ckpt
 from hdpo import distributed as dist
 from hdpo import faults
 from hdpo import ledger as cliff_ledger
+from hdpo import retention
 from hdpo.config import Config, save_config
 from hdpo.data import Problem, build_messages, read_problems, render_prompt
 from hdpo.evaluate import score_problems, summarise
@@ -52,6 +55,7 @@ from hdpo.tracking import run_end
 from hdpo.update import DistillItem, GrpoItem, MicroBatching, Objective, accumulate_gradients, teacher_topk
 
 log = logging.getLogger(__name__)
+WORK_LOG = "train.log"  # in the work dir: every attempt of one trajectory, appended
 
 
 class NonFiniteLoss(ckpt.RunError):
@@ -510,7 +514,11 @@ class Trainer:
         ckpt.check_writable(self.work_dir, "checkpoint (work)")
         ckpt.check_writable(self.run_dir, "run output")
         # one trainer per work dir, and per run dir (two runs publishing into one folder would mix their files)
-        self._locks = [ckpt.RunLock(self.work_dir).acquire(), ckpt.RunLock(self.run_dir).acquire()]
+        try:
+            self._locks = [ckpt.RunLock(self.work_dir).acquire(), ckpt.RunLock(self.run_dir).acquire()]
+        except ckpt.RunError as err:
+            raise ckpt.RunError(f"{err} (its log: {self.work_dir / WORK_LOG})") from None
+        self._attach_work_log()
         for folder in (self.work_dir, self.run_dir):
             clean_stale(folder)
         params = [p for p in self.policy.parameters()]
@@ -611,7 +619,8 @@ class Trainer:
                        "best_checkpoint_metric": self.cfg.checkpoint.best_metric,
                        "best_checkpoint_step": self.state.best.get(self.cfg.checkpoint.best_metric, {}).get("step"),
                        "wall_s": round(wall_s, 1), "world_size": self.world,
-                       "reward_stats": self.scorer.stats.as_dict(), "totals": _totals(rows)}
+                       "reward_stats": self.scorer.stats.as_dict(), "totals": _totals(rows),
+                       "work_dir": str(self.work_dir)}  # where its trajectory lives (hdpo clean)
             with atomic_path(self.run_dir / "metrics.jsonl") as tmp:
                 shutil.copyfile(self.metrics_path, tmp)
             ledger = read_jsonl(self.ledger_path, drop_torn_tail=True) if self.ledger_path.exists() else []
@@ -625,9 +634,30 @@ class Trainer:
                                   {"curves": run_end.curves(rows, self.run_dir.name)})
             self.trackers.close()
         self.scorer.close()
+        if self.rank == 0 and not self.cfg.checkpoint.keep_finished_state:
+            freed = retention.free_finished_state(self.work_dir)
+            log.info("checkpoint.keep_finished_state is off: freed %s of resumable state in %s (the policies are "
+                     "published; a rerun of this run trains from step 0)", retention.human(freed), self.work_dir)
         for lock in self._locks:
             lock.release()
         return summary
+
+    def _attach_work_log(self) -> None:
+        """Every log line also goes to <work dir>/train.log, appended across resumes: the whole trajectory in one
+        place, which only the lock's holder writes (Snakemake deletes a job's `log:` file before it starts the
+        job, also when the trainer then refuses to run beside a live one)."""
+        handler = logging.FileHandler(self.work_dir / WORK_LOG, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        self._work_log = handler
+        log.info("pid %d on %s: this trajectory's log is %s", os.getpid(), platform.node(), handler.baseFilename)
+
+    def detach_work_log(self) -> None:
+        handler = getattr(self, "_work_log", None)
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            self._work_log = None
 
 
 def _totals(rows: list[dict]) -> dict:
@@ -668,3 +698,6 @@ def train(cfg: Config, data_dir, run_dir, work_dir, model_cache, resume: bool = 
         where = (f"during step {trainer.state.step + 1}; {trainer._last_good()}" if trainer is not None
                  else "before training started")
         raise ckpt.RunError(f"interrupted {where}: rerun the same command (with --resume) to continue") from None
+    finally:
+        if trainer is not None:
+            trainer.detach_work_log()

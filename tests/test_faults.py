@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def _killed(proc):
 def outcome(root: Path, name: str) -> dict:
     run = root / "runs" / name
     summary = json.loads((run / "summary.json").read_text())
-    summary.pop("wall_s"), summary.pop("run")
+    summary.pop("wall_s"), summary.pop("run"), summary.pop("work_dir")
     summary["totals"] = {k: v for k, v in summary["totals"].items() if not k.startswith("time/")}
     return {"metrics": [{k: v for k, v in r.items() if not k.startswith("time/")}
                         for r in read_jsonl(run / "metrics.jsonl")],
@@ -276,3 +277,99 @@ def test_a_bad_row_inside_the_work_folders_metrics_is_named_with_the_fix(root):
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith(f"hdpo: {metrics}: row 2: not valid JSON") and "repair or delete that row" in message
     assert metrics.read_text() == "".join(lines)
+
+
+def test_a_trainer_whose_snakemake_is_gone_stops_and_a_rerun_resumes(root):
+    """`--stop-with PID` (the workflow passes its Snakemake's pid): once that process is gone (kill -9 of
+    snakemake), the orphaned trainer stops within seconds, saying where, into the work dir's log; the rerun
+    resumes from its checkpoint. Meanwhile a second trainer on the same folders is refused and leaves the live
+    trainer's log as it was."""
+    work = root / "work" / "orphan"
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # plays snakemake
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HDPO_FAULT": "hang@checkpoint:1"}  # a long step 2
+    cmd = [sys.executable, "-m", "hdpo", "train", "--config", str(root / "config.yaml"), "--data",
+           str(root / "data"), "--run-dir", str(root / "runs" / "orphan"), "--work-dir", str(work),
+           "--model-cache", str(root / "models"), "--resume", "--threads", "1"]
+    trainer = subprocess.Popen([*cmd, "--stop-with", str(parent.pid)], env=env, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    try:
+        log = work / "train.log"
+        deadline = time.time() + 300
+        while not (log.exists() and "checkpoint at step 1" in log.read_text()) and time.time() < deadline:
+            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+            time.sleep(0.2)
+        before = log.read_text()
+        refused = hdpo_train(root, "orphan")  # the rerun of a killed Snakemake, beside the live trainer
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"hdpo: {work} is in use by another trainer (pid {trainer.pid}), e.g. the leftover of a killed run: "
+            f"stop it (kill {trainer.pid}) or wait for it, then rerun (its log: {log})")
+        assert log.read_text() == before  # the live trainer's log, untouched by the refused one
+
+        parent.kill()
+        parent.wait()
+        started = time.time()
+        assert trainer.wait(timeout=30) == 1
+        stopped_after = time.time() - started
+    finally:
+        parent.kill()
+        trainer.kill()
+    err = trainer.stderr.read()
+    assert stopped_after < 10 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"hdpo: interrupted during step 2; the last good checkpoint is {work / 'checkpoint.pt'} (step 1): rerun "
+        "the same command (with --resume) to continue")
+    text = log.read_text()
+    assert f"the Snakemake that started hdpo train (pid {parent.pid}) is gone: stopping hdpo train" in text
+    _ok(hdpo_train(root, "orphan"))
+    text = log.read_text()
+    assert text.startswith(before) and re.search(r"resumed from .* at step 1", text)  # appended, never truncated
+
+
+def test_retention_shows_and_frees_superseded_folders_and_finished_state(root):
+    """`hdpo clean`: every work folder of <checkpoint.dir>/<run>/ with its status and size; with --apply, the
+    policy's choices freed (superseded folders; a finished run's checkpoint), never a folder in use or one
+    newer than the published run, never the published policies. keep_finished_state off: the trainer frees its
+    own checkpoint when the run is published."""
+    runs = root / "res" / "runs"
+    run_dir = runs / "kept"
+    _ok(hdpo_train(root, "kept/old", run_dir=run_dir))  # earlier settings
+    time.sleep(1.1)  # mtimes: the next publication is strictly newer than everything of the old folder
+    proc = _ok(hdpo_train(root, "kept/new", run_dir=run_dir, settings=("checkpoint.keep_finished_state=false",)))
+    new = root / "work" / "kept" / "new"
+    assert not (new / "checkpoint.pt").exists() and not (new / "policy_best").exists()
+    assert "checkpoint.keep_finished_state is off: freed" in proc.stderr
+    assert (run_dir / "policy_final" / "model.safetensors").exists() and (run_dir / "policy_best").is_dir()
+    assert json.loads((run_dir / "summary.json").read_text())["work_dir"] == str(new)
+    time.sleep(1.1)
+    (root / "work" / "kept" / "pending").mkdir()  # a newer trajectory, stopped: a rerun resumes it
+    (root / "work" / "kept" / "pending" / "checkpoint.pt").write_bytes(b"x" * 10)
+    busy = RunLock(root / "work" / "kept" / "busy").acquire()  # a live trainer's folder
+
+    def clean(*extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "hdpo", "clean", "--config", str(root / "config.yaml"),
+                               "--results", str(root / "res"), "--set", f"checkpoint.dir={root / 'work'}",
+                               "checkpoint.keep_superseded=false", *extra],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    try:
+        old_bytes = sum(f.stat().st_size for f in (root / "work" / "kept" / "old").rglob("*") if f.is_file())
+        shown = clean()
+        rows = {line.split("|")[1].strip(): line for line in shown.splitlines() if line.startswith("| /")}
+        assert "| superseded |" in rows[str(root / "work" / "kept" / "old")] and rows[
+            str(root / "work" / "kept" / "old")].endswith("| free |")
+        assert "published (finished state already freed)" in rows[str(new)] and rows[str(new)].endswith("| keep |")
+        assert "| pending |" in rows[str(root / "work" / "kept" / "pending")]
+        assert "| in use |" in rows[str(root / "work" / "kept" / "busy")]
+        assert "(nothing deleted: add --apply)" in shown and (root / "work" / "kept" / "old").is_dir()
+        applied = clean("--apply")
+        assert not (root / "work" / "kept" / "old").exists()
+        from hdpo.retention import human
+
+        assert f"freed {human(old_bytes)}" in applied
+        assert all((root / "work" / "kept" / n).is_dir() for n in ("new", "pending", "busy"))
+        assert (new / "metrics.jsonl").exists() and (run_dir / "policy_final" / "model.safetensors").exists()
+    finally:
+        busy.release()

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -540,3 +541,46 @@ def test_dag_end_to_end_then_caching_and_reruns(tiny_repo):
     shutil.rmtree(root / "results" / "runs" / "grpo_seed1")
     assert plan() == {"train": 1, "evaluate": 2, "tables": 1, "figures": 1, "all": 1}
     assert (root / old[0]).is_dir()
+
+
+def test_a_killed_snakemake_is_recovered_by_the_readme_line(tiny_repo):
+    """kill -9 of snakemake mid-training: its trainer stops on its own within seconds (--stop-with), and the
+    README's recovery line (unlock, then --rerun-incomplete) finishes the target, training resumed."""
+    from conftest import tagged_processes
+
+    root = tiny_repo
+    tiny = root / "config" / "tiny.yaml"
+    once, tag = root / "hang-once", "killed-snakemake"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HDPO_TEST_TAG=tag,
+               HDPO_FAULT="hang@checkpoint:1", HDPO_FAULT_ONCE=str(once))  # the first trainer hangs at step 2
+    sm = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "grpo", "--configfile", str(tiny)], cwd=root, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not once.exists() and time.time() < deadline:
+        assert sm.poll() is None
+        time.sleep(0.2)
+    assert once.exists()
+    sm.kill()
+    sm.wait()
+    deadline = time.time() + 15
+    while any("train" in _cmdline(p) for p in tagged_processes(tag)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any("train" in _cmdline(p) for p in tagged_processes(tag)), "the trainer outlived its snakemake"
+
+    readme = (REPO / "README.md").read_text()
+    (line,) = [l for l in readme.splitlines() if "--unlock" in l and l.startswith("snakemake")]
+    command = line.split("#")[0].replace("$D", f"--configfile {tiny}").replace(" --cores all", " --cores 2")
+    proc = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert job_counts(snakemake(root, "-n", "--cores", "1", "grpo", "--configfile", str(tiny),
+                                snakefile=root / "workflow" / "Snakefile")) == {}
+    (log,) = (root / "results" / "checkpoints" / "grpo_seed1").glob("*/train.log")
+    text = log.read_text()
+    assert "the Snakemake that started hdpo train" in text and re.search(r"resumed from .* at step 1", text)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -65,6 +65,11 @@ def method_arg(wildcards, input):
     return GRID.method_of(wildcards.run)
 
 
+def snakemake_pid(wildcards, input):
+    """Long jobs stop themselves once this Snakemake is gone (hdpo --stop-with): no orphan after a kill -9."""
+    return os.getpid()
+
+
 def reuse_arg(wildcards, input):
     return plan.reuse_option(input.reuse)
 

@@ -14,6 +14,7 @@ rule evaluate:
         method=method_arg,
         reuse=reuse_arg,
         python=python_arg,
+        snakemake_pid=snakemake_pid,
         data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
     log:
         "results/logs/evaluate/{run}/{ckpt}/{bench}.log",
@@ -30,7 +31,8 @@ rule evaluate:
     shell:
         "{params.python} -m hdpo evaluate --config {params.config:q} --model {input.model:q} --method {params.method}"
         " --benchmark {wildcards.bench}"
-        " --data {params.data:q} --out {output.result:q} --threads {threads} {params.reuse} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output.result:q} --threads {threads} {params.reuse}"
+        " --stop-with {params.snakemake_pid} > {log:q} 2>&1"
 
 
 # evaluate_base: the untrained model (step 0) on one benchmark, a row of its own in the benchmark tables.
@@ -44,6 +46,7 @@ rule evaluate_base:
         settings=lambda wildcards: SETTINGS.base_evaluate(wildcards.bench),
         config=configfile_arg,
         python=python_arg,
+        snakemake_pid=snakemake_pid,
         data=lambda wildcards, input: os.path.dirname(os.path.dirname(input.data)),
     log:
         "results/logs/evaluate/base/{bench}.log",
@@ -59,4 +62,5 @@ rule evaluate_base:
         runtime=resource("evaluate", "runtime"),
     shell:
         "{params.python} -m hdpo evaluate --config {params.config:q} --base --benchmark {wildcards.bench}"
-        " --data {params.data:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"
+        " --data {params.data:q} --out {output.result:q} --threads {threads}"
+        " --stop-with {params.snakemake_pid} > {log:q} 2>&1"

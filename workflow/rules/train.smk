@@ -23,6 +23,7 @@ rule train:
         data=lambda wildcards, input: os.path.dirname(input.train),
         run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         work_dir=work_dir,
+        snakemake_pid=snakemake_pid,
     log:
         f"results/logs/train/{RUN}.log",
     benchmark:
@@ -38,5 +39,5 @@ rule train:
     shell:
         "{params.launcher} train --config {params.config:q} --method {wildcards.method} --seed {wildcards.seed}"
         " --data {params.data:q} --run-dir {params.run_dir:q} --work-dir {params.work_dir:q} --resume"
-        " --threads {threads}"
+        " --threads {threads} --stop-with {params.snakemake_pid}"
         " > {log:q} 2>&1"
