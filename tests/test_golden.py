@@ -2,12 +2,19 @@
 cliff ledger and final weights were recorded before the training step was refactored into phases. A refactor
 must not change a bit of them.
 
-Bit-for-bit holds only where the arithmetic is the same: the recording names its machine (torch, transformers,
-CPU capability and model, thread count). There every float and the sha256 of the final weights must match
-exactly; elsewhere (another CPU's float32 kernels) counts must match exactly and floats to 1e-4, per-parameter
-sums of the weights included.
+Bit-for-bit holds only where the arithmetic is the same: each recording names its machine (torch, transformers,
+CPU model and capability, thread count). On a recorded machine every float and the sha256 of the final weights
+must match exactly. Elsewhere (another CPU's float32 kernels sum in another order) everything discrete must match
+exactly (the sampled tokens' rewards, cliffs, counts), and floats within what round-off can explain:
+- metrics and ledger floats to 2% relative or 1e-4 absolute. Measured between the two recordings (AMD EPYC and
+  Intel Xeon, both AVX-512): at most 0.63% (grad_norm after three steps) and 2.1e-5 absolute (teacher tail mass);
+- each weight tensor's sum to 2e-5 x its element count. Round-off moved it by at most 3.9e-6 per element between
+  the recordings (a layer norm's 32 weights); an update that went another way would move each element by about
+  lr = 1e-3 per step, fifty times the allowance.
 
-Record again (after a change that is meant to change the numbers): HDPO_GOLDEN_RECORD=1 pytest tests/test_golden.py
+Record this machine too (same code, another CPU): HDPO_GOLDEN_RECORD=1 pytest tests/test_golden.py adds or
+replaces the recording of this fingerprint. After a change that is meant to change the numbers, delete the file
+first and record on each machine again.
 """
 from __future__ import annotations
 
@@ -52,19 +59,21 @@ def fingerprint() -> dict:
             "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
-def weights_digest(folder: Path) -> tuple[str, dict]:
-    """sha256 over every tensor of the saved policy (name, dtype, shape, bytes) and each tensor's float64 sum."""
+def weights_digest(folder: Path) -> tuple[str, dict, dict]:
+    """sha256 over every tensor of the saved policy (name, dtype, shape, bytes), each tensor's float64 sum and its
+    element count."""
     from safetensors.torch import load_file
 
     tensors = load_file(folder / "model.safetensors")
     h = hashlib.sha256()
-    sums = {}
+    sums, sizes = {}, {}
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         sums[name] = float(t.double().sum())
-    return h.hexdigest(), sums
+        sizes[name] = t.numel()
+    return h.hexdigest(), sums, sizes
 
 
 def run_golden(model_dir: Path, tmp_path: Path, name: str) -> dict:
@@ -75,13 +84,13 @@ def run_golden(model_dir: Path, tmp_path: Path, name: str) -> dict:
     # every toy problem (answers 8, 8, 7, 8, 7, 8): cliffs and solved prompts side by side
     train(cfg, _data(tmp_path, {"7", "8"}), run_dir, tmp_path / "work" / name, tmp_path / "models", resume=False)
     metrics = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(run_dir / "metrics.jsonl")]
-    sha, sums = weights_digest(run_dir / "policy_final")
+    sha, sums, sizes = weights_digest(run_dir / "policy_final")
     return {"metrics": metrics, "ledger": read_jsonl(run_dir / "cliffs.jsonl"), "weights_sha256": sha,
-            "weight_sums": sums}
+            "weight_sums": sums, "weight_sizes": sizes}
 
 
 def _close(got, want, path: str) -> None:
-    """Counts and strings exactly, floats to 1e-4 (relative, or absolute near zero)."""
+    """Counts and strings exactly, floats to 2% relative or 1e-4 absolute (see the module docstring)."""
     if isinstance(want, dict):
         assert isinstance(got, dict) and sorted(got) == sorted(want), f"{path}: keys {sorted(got)} != {sorted(want)}"
         for k in want:
@@ -91,33 +100,68 @@ def _close(got, want, path: str) -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             _close(g, w, f"{path}[{i}]")
     elif isinstance(want, float) and not isinstance(got, bool):
-        assert isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6), \
+        assert isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=2e-2, abs_tol=1e-4), \
             f"{path}: {got} != {want}"
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def _recordings() -> list[dict]:
+    return json.loads(GOLDEN.read_text())["recordings"] if GOLDEN.exists() else []
+
+
+def _record(name: str, got: dict) -> None:
+    recordings = _recordings()
+    mine = next((r for r in recordings if r["fingerprint"] == fingerprint()), None)
+    if mine is None:
+        mine = {"fingerprint": fingerprint(), "runs": {}}
+        recordings.append(mine)
+    mine["runs"][name] = {k: v for k, v in got.items() if k != "weight_sizes"}
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({"recordings": recordings}, indent=1, sort_keys=True) + "\n")
+
+
+def compare_across_machines(got: dict, want: dict, name: str) -> None:
+    """What must hold on a machine the golden runs were not recorded on (see the module docstring)."""
+    _close({k: got[k] for k in ("metrics", "ledger")}, {k: want[k] for k in ("metrics", "ledger")}, name)
+    assert sorted(got["weight_sums"]) == sorted(want["weight_sums"]), f"{name}: other parameters"
+    for param, total in want["weight_sums"].items():
+        allowed = 2e-5 * got["weight_sizes"][param]
+        assert abs(got["weight_sums"][param] - total) <= allowed, \
+            f"{name}.weight_sums.{param}: {got['weight_sums'][param]} != {total} (allowed {allowed:.2g})"
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_training_matches_the_recorded_golden_run(tiny_model_dir, tmp_path, name):
     got = run_golden(tiny_model_dir, tmp_path, name)
     if os.environ.get("HDPO_GOLDEN_RECORD"):
-        golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        golden["fingerprint"] = fingerprint()
-        golden.setdefault("runs", {})[name] = got
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
-        pytest.skip(f"recorded {name} into {GOLDEN}")
-    golden = json.loads(GOLDEN.read_text())
-    want = golden["runs"][name]
+        _record(name, got)
+        pytest.skip(f"recorded {name} for this machine into {GOLDEN}")
+    recordings = _recordings()
     # the run must exercise what it is named for
     train_rows = [r for r in got["metrics"] if r["kind"] == "train"]
     assert len(train_rows) == 3 and sum(r["cliffs"] for r in train_rows) > 0
     if name != "grpo":
         assert sum(r["privileged/kept"] for r in train_rows) > 0
-    if golden["fingerprint"] == fingerprint():
-        assert got["metrics"] == want["metrics"]
-        assert got["ledger"] == want["ledger"]
-        assert got["weights_sha256"] == want["weights_sha256"], "the final weights differ from the golden run's"
+    here = next((r["runs"][name] for r in recordings if r["fingerprint"] == fingerprint()), None)
+    if here is not None:
+        assert got["metrics"] == here["metrics"]
+        assert got["ledger"] == here["ledger"]
+        assert got["weights_sha256"] == here["weights_sha256"], "the final weights differ from the golden run's"
     else:
-        _close(got, {k: v for k, v in want.items() if k != "weights_sha256"} | {"weights_sha256": got["weights_sha256"]},
-               name)
+        compare_across_machines(got, recordings[0]["runs"][name], name)
+
+
+def test_the_recordings_of_two_machines_agree_within_the_cross_machine_allowance(tiny_model_dir):
+    """The allowance is measured, not guessed: the recordings of two CPUs pass it against each other, while
+    none of them is bit-identical to the other."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:  # the policy has the model's shapes
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    recordings = _recordings()
+    assert len(recordings) >= 2
+    first, second = recordings[0]["runs"], recordings[1]["runs"]
+    for name in RUNS:
+        assert first[name]["weights_sha256"] != second[name]["weights_sha256"]
+        compare_across_machines(second[name] | {"weight_sizes": sizes}, first[name], name)
