@@ -111,10 +111,10 @@ def _recordings() -> list[dict]:
 
 
 def _record(name: str, got: dict) -> None:
-    recordings = _recordings()
-    mine = next((r for r in recordings if r["fingerprint"] == fingerprint()), None)
+    recordings, me = _recordings(), fingerprint()
+    mine = next((r for r in recordings if r["fingerprint"] == me), None)
     if mine is None:
-        mine = {"fingerprint": fingerprint(), "runs": {}}
+        mine = {"fingerprint": me, "runs": {}}
         recordings.append(mine)
     mine["runs"][name] = {k: v for k, v in got.items() if k != "weight_sizes"}
     GOLDEN.parent.mkdir(exist_ok=True)
@@ -143,7 +143,8 @@ def test_training_matches_the_recorded_golden_run(tiny_model_dir, tmp_path, name
     assert len(train_rows) == 3 and sum(r["cliffs"] for r in train_rows) > 0
     if name != "grpo":
         assert sum(r["privileged/kept"] for r in train_rows) > 0
-    here = next((r["runs"][name] for r in recordings if r["fingerprint"] == fingerprint()), None)
+    me = fingerprint()  # reads /proc/cpuinfo: once, not once per recording
+    here = next((r["runs"][name] for r in recordings if r["fingerprint"] == me), None)
     if here is not None:
         assert got["metrics"] == here["metrics"]
         assert got["ledger"] == here["ledger"]
