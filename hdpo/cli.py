@@ -316,6 +316,54 @@ def _run_export(args, cfg: Config) -> None:
     export_policy(cfg, args.model, args.out, args.results)
 
 
+def _mechanism_options(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("what", choices=["reference", "measure", "report"],
+                   help="reference: draw the fixed privileged responses from the untrained model; measure: one "
+                        "policy (--model, or --base) on every training problem; report: the outcomes table and "
+                        "figure")
+    p.add_argument("--data", required=True, help="folder written by prepare-data (its train.jsonl is the pool)")
+    p.add_argument("--reference", default=None, help="the reference file (measure)")
+    p.add_argument("--model", default=None, help="a policy folder written by train (measure)")
+    p.add_argument("--base", action="store_true", help="measure the untrained model of the config")
+    p.add_argument("--model-cache", default=None, help="where converted models go (default: results/models)")
+    p.add_argument("--results", default="results/mechanism", help="runs/ and measure/ of the experiment (report)")
+    p.add_argument("--figures", default="figures", help="where mechanism.png/pdf go (report)")
+    p.add_argument("--out", default=None, help="the JSONL to write (reference, measure)")
+
+
+def _run_mechanism(args, cfg: Config) -> None:
+    from hdpo import mechanism
+    from hdpo.checkpoint import check_writable
+    from hdpo.data import read_problems
+    from hdpo.io import read_jsonl, write_jsonl
+    from hdpo.models import resolve_model
+
+    if args.what == "report":
+        from hdpo.report.mechanism import write
+
+        check_writable(args.results, "mechanism report")
+        for path in write(cfg, args.results, args.figures):
+            log.info("wrote %s", path)
+        return
+    if not args.out:
+        raise SystemExit(f"hdpo mechanism {args.what}: give --out FILE")
+    problems = read_problems(Path(args.data) / "train.jsonl")
+    cache = args.model_cache or "results/models"
+    check_writable(Path(args.out).resolve().parent, "mechanism output")
+    if args.what == "reference":
+        rows = mechanism.draw_references(cfg, problems, resolve_model(cfg.model, cache))
+    else:
+        if args.base == bool(args.model) or not args.reference:
+            raise SystemExit("hdpo mechanism measure: give --reference FILE and exactly one of --model DIR, --base")
+        if args.model and not Path(args.model).is_dir():
+            raise FileNotFoundError(2, "no such policy folder (written by train)", args.model)
+        model = resolve_model(cfg.model, cache) if args.base else args.model
+        rows = mechanism.measure_policy(cfg, problems, read_jsonl(args.reference), model)
+    write_jsonl(args.out, rows)
+    log.info("wrote %s", args.out)
+
+
 def _run_config(args, cfg: Config) -> None:
     print(json.dumps(json_schema(), indent=1, ensure_ascii=False) if args.schema else explain(cfg))
 
@@ -338,6 +386,8 @@ COMMANDS = {  # in the order `hdpo --help` lists them
                      _clean_options, _run_clean),
     "export": Command("a policy as a bf16 (model.dtype) transformers folder with its model card",
                       _export_options, _run_export),
+    "mechanism": Command("the mechanism experiment: reference responses, one policy's measurements, the report",
+                         _mechanism_options, _run_mechanism),
     "config": Command("list every config key (doc, value, paper's value) or print the schema",
                       _config_options, _run_config),
 }

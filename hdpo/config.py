@@ -23,6 +23,7 @@ from typing import Any, Iterator, Literal, Optional
 import yaml
 
 from hdpo.field_mapping import DataError, mapping_of
+from hdpo.synthetic import GENERATORS
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -54,7 +55,11 @@ class DatasetSpec:
     split: str = key("train", "Hub split")
     path: Optional[str] = key(None, "a local .jsonl/.json/.parquet/.csv file (wins over `file` and the Hub)")
     file: Optional[str] = key(None, "a file name looked up in $HDPO_DATA_DIR (or prepare-data --data-dir)")
-    limit: Optional[int] = key(None, "keep the first N rows (after loading, before splitting)")
+    limit: Optional[int] = key(None, "keep the first N rows (after loading, before splitting); with "
+                                     "`generator`, the number of problems generated")
+    generator: Optional[str] = key(None, "generate the rows instead of loading them (hdpo.synthetic: "
+                                         "addition3, addition4); needs `limit`")
+    generator_seed: int = key(0, "seed of the generated rows")
     id_key: Optional[str] = key(None, "field holding a problem id (default: none, the row index)")
     problem_key: Optional[str] = key(None, "field holding the problem text (default 'problem'), like NeMo-RL's "
                                            "input_key")
@@ -223,6 +228,17 @@ class EvalConfig:
 
 
 @dataclass
+class MechanismConfig:
+    """The mechanism experiment's measurements (config/mechanism.yaml, `snakemake mechanism`), made after
+    training on every problem of the training pool, with the plain prompt unless said otherwise."""
+    samples: int = key(16, "plain-prompt samples per problem and policy: the solve rate (outcomes b, c)")
+    reference_samples: int = key(16, "privileged responses sampled once from the base model per problem; the "
+                                      "correct ones are the fixed responses whose likelihood is measured (a)")
+    max_references: int = key(4, "at most this many correct reference responses per problem are measured")
+    seed: int = key(7, "seed of the reference responses and of the solve-rate samples")
+
+
+@dataclass
 class CheckpointConfig:
     """Resumable checkpoints and the kept policies."""
     save_period: int = key(50, "resumable checkpoint every N steps", runtime=True)
@@ -330,6 +346,7 @@ class Config:
     tracking: TrackingConfig = key(doc="experiment trackers", factory=TrackingConfig)
     experiment: ExperimentConfig = key(doc="the grid", factory=ExperimentConfig)
     run: RunConfig = key(doc="this run's cell of the grid (set per job)", factory=RunConfig)
+    mechanism: MechanismConfig = key(doc="the mechanism experiment's measurements", factory=MechanismConfig)
     resources: dict[str, RuleResources] = key(doc="per rule (prepare_data, train, evaluate, report)",
                                               factory=dict)
 
@@ -536,6 +553,9 @@ def _check_datasets(cfg: Config) -> None:
     for where, spec in ([(f"data.train[{i}]", s) for i, s in enumerate(cfg.data.train)]
                         + [(f"benchmarks.{n}", s) for n, s in cfg.benchmarks.items()]):
         _need(spec.limit is None or spec.limit >= 1, f"{where}.limit", "must be >= 1 or null")
+        if spec.generator is not None:
+            _need(spec.generator in GENERATORS, f"{where}.generator", f"must be one of {sorted(GENERATORS)}")
+            _need(spec.limit is not None, f"{where}.limit", "must be set with a generator (how many problems)")
         try:
             mapping_of(spec)
         except DataError as err:

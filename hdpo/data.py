@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from hdpo.config import Config, DatasetSpec
+from hdpo.synthetic import GENERATORS, generate
 from hdpo.field_mapping import PRESETS, DataError, mapping_of
 from hdpo.io import write_json, write_jsonl
 
@@ -267,8 +268,17 @@ def _check_hub(hub_id: str, timeout_s: float = 3.0) -> None:
 
 
 def _load(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[tuple[int, dict]], str]:
-    path = _resolve(spec, data_dir)
-    if path is not None:
+    path = None if spec.generator else _resolve(spec, data_dir)
+    if spec.generator:
+        if spec.limit is None:
+            raise DataError(f"generator {spec.generator!r}: needs `limit` (how many problems)")
+        try:
+            rows = generate(spec.generator, spec.limit, spec.generator_seed)
+        except KeyError:
+            raise DataError(f"generator {spec.generator!r}: unknown (known: {', '.join(sorted(GENERATORS))})") \
+                from None
+        pairs, origin = list(enumerate(rows, 1)), f"generated:{spec.generator}(n={spec.limit}, seed={spec.generator_seed})"
+    elif path is not None:
         pairs, origin = _read_local(path), str(path)
     else:
         if not spec.hub_id:

@@ -125,6 +125,14 @@ if GPU_JOBS > 0 and _ONE_MACHINE and getattr(workflow, "is_main_process", True):
               f"job at a time (as --resources gpu={_limits['gpu']} gpu_jobs=1)", file=sys.stderr)
 
 
+def _only_cpu_targets() -> bool:
+    """The mechanism experiment's targets alone (rules/mechanism.smk): its own CPU config, no GPU job."""
+    targets = set(workflow.dag_settings.targets or ())
+    return bool(targets) and all(t == "mechanism" or t.startswith(("mechanism_", "results/mechanism/"))
+                                 for t in targets)
+
+
 onstart:
-    if GPU_JOBS > 0 and workflow.local_exec and _given("gpu") is None and not workflow.touch:
+    if (GPU_JOBS > 0 and workflow.local_exec and _given("gpu") is None and not workflow.touch
+            and not _only_cpu_targets()):
         raise WorkflowError(plan.no_gpu_limit_message(LAYERS, GPU_JOBS, _ONE_MACHINE, _GPU_SOURCE))
