@@ -218,9 +218,10 @@ def test_paper_grid(tmp_path):
 
 
 def test_two_seed_demo_grid(tmp_path):
-    """config/demo_seeds.yaml: GRPO and one HDPO method, two seeds each, the untrained model once per benchmark."""
+    """config/demo_seeds.yaml: GRPO and one HDPO method, two seeds each, the untrained model once per benchmark
+    (the demo's one: MATH-500)."""
     counts = dry_run(tmp_path, REPO / "config" / "demo.yaml", extra=(str(REPO / "config" / "demo_seeds.yaml"),))
-    assert counts == {"prepare_data": 1, "prepare_benchmark": 2, "train": 4, "evaluate": 4 * 2 * 2, "evaluate_base": 2,
+    assert counts == {"prepare_data": 1, "prepare_benchmark": 1, "train": 4, "evaluate": 4 * 2 * 1, "evaluate_base": 1,
                       "tables": 1,
                       "figures": 1, "all": 1}
 
