@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import yaml
 
 from hdpo import layout
-from hdpo.config import Config, deep_merge, expand_dotted, iter_keys, method_overrides
+from hdpo.config import Config, deep_merge, expand_dotted, from_dict, iter_keys, method_overrides
 from hdpo.io import atomic_write_text
 
 # --- the config ------------------------------------------------------------------------------------------------
@@ -235,6 +235,26 @@ def _sections(raw: dict, *names: str) -> dict:
 
 def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def mechanism_config(base_file: str | Path, mechanism_file: str | Path) -> tuple[Config, dict]:
+    """The mechanism experiment's config (workflow/rules/mechanism.smk): its file layered over the paper's, its two
+    methods replacing the paper's grid rather than merged into it. A bad key raises ConfigError."""
+    layers = []
+    for path in (base_file, mechanism_file):
+        with open(path) as fh:
+            layers.append(yaml.safe_load(fh) or {})
+    raw = deep_merge(*layers)
+    raw["experiment"]["methods"] = layers[1]["experiment"]["methods"]
+    return from_dict(raw), raw
+
+
+def measurement_settings(cfg: Config, raw: dict) -> str:
+    """What the mechanism's reference responses and measurements read (the model, sampling, prompts, reward,
+    `mechanism`), not a method's record: a new lambda retrains HDPO and measures it, and redraws nothing else."""
+    return _json({**_sections(raw, "model", "generation", "mechanism"), "system_prompt": cfg.data.system_prompt,
+                  "hdpo": {k: v for k, v in raw["hdpo"].items()
+                           if k in ("privileged_info", "teacher_min_reward", "topk_logits_k")}})
 
 
 # --- the jobs: resources, interpreter, code ----------------------------------------------------------------------
