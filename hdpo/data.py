@@ -277,7 +277,8 @@ def _load(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[list[tuple[int, d
         except KeyError:
             raise DataError(f"generator {spec.generator!r}: unknown (known: {', '.join(sorted(GENERATORS))})") \
                 from None
-        pairs, origin = list(enumerate(rows, 1)), f"generated:{spec.generator}(n={spec.limit}, seed={spec.generator_seed})"
+        pairs = list(enumerate(rows, 1))
+        origin = f"generated:{spec.generator}(n={spec.limit}, seed={spec.generator_seed})"
     elif path is not None:
         pairs, origin = _read_local(path), str(path)
     else:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -126,11 +125,16 @@ def measure_policy(cfg: Config, problems: list[Problem], references: list[dict],
     by_id = {r["id"]: r["references"] for r in references}
     owner, plain, privileged, responses = [], [], [], []
     for i, p in enumerate(problems):
+        refs = by_id.get(p.id, [])
+        if not refs:
+            continue
         priv_text = render_prompt(tok, build_messages(p, cfg.data.system_prompt, cfg.hdpo.privileged_info))
-        for ref in by_id.get(p.id, []):
+        plain_ids = tok(plain_text[i], add_special_tokens=False).input_ids  # once per problem, shared by its refs
+        priv_ids = tok(priv_text, add_special_tokens=False).input_ids
+        for ref in refs:
             owner.append(i)
-            plain.append(tok(plain_text[i], add_special_tokens=False).input_ids)
-            privileged.append(tok(priv_text, add_special_tokens=False).input_ids)
+            plain.append(plain_ids)
+            privileged.append(priv_ids)
             responses.append(ref["response_ids"])
     micro = MicroBatching.from_config(cfg.grpo, tok.pad_token_id if tok.pad_token_id is not None else 0)
     with eval_mode(model):

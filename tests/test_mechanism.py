@@ -108,7 +108,6 @@ def _synthetic():
                     "ref_logprob": float(rng.normal(-2, 0.5)), "ref_jsd": float(rng.uniform(0, 0.3))} for i in ids}
 
     measures = {"base": measure(), **{f"{m}_seed{s}": measure() for m in ("grpo", "hdpo") for s in (1, 2)}}
-    measures["base"]["p1"].update(references=0, ref_logprob=None, ref_jsd=None)
     for run in measures:  # a problem without reference responses has none at any checkpoint
         measures[run]["p1"].update(references=0, ref_logprob=None, ref_jsd=None)
     return ids, ledgers, measures

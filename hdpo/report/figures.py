@@ -52,7 +52,8 @@ def _no_data(ax, text: str = "no results yet") -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=7)
 
 
-def _save(fig, out_dir: Path, name: str) -> list[Path]:
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """<name>.png and <name>.pdf of `fig` under out_dir, each written atomically."""
     paths = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"
@@ -710,5 +711,5 @@ def write_figures(cfg: Config, results_dir: str | Path, out_dir: str | Path,
     with matplotlib.style.context(str(STYLE_FILE)):
         for name in names:
             fig = _FIGURES[name](cfg, results_dir)
-            written += _save(fig, out_dir, name)
+            written += save_figure(fig, out_dir, name)
     return written

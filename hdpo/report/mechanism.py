@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from hdpo.config import Config
 from hdpo.io import atomic_path, atomic_write_text, read_jsonl
 from hdpo.mechanism import OUTCOMES, outcomes, per_problem
+from hdpo.report.figures import STYLE_FILE, save_figure
 from hdpo.stats import format_p
 
-STYLE_FILE = Path(__file__).resolve().parent.parent / "plot_style.mplstyle"
 COLORS = {"grpo": "#7F7F7F", "hdpo": "#D55E00", "base": "#BBBBBB"}
 
 
@@ -78,19 +78,19 @@ def markdown(rows: list[dict], cfg: Config, difficulty: dict) -> str:
              "HDPO − GRPO | p |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["problems"]:
-            lines.append(f"| {r['outcome']} | {r['measure']} ({r['set']}) | 0 | – | – | – | no such problems | – |")
+            lines.append(f"| {r['outcome']} | {r['measure']} ({r['set']}) | 0 | – | – | – | no such problems "
+                         "| – |")
             continue
         lines.append(f"| {r['outcome']} | {r['measure']} ({r['set']}) | {r['problems']} × {r['seeds']} | "
                      f"{_cell(r, 'base')} | {_cell(r, 'grpo')} | {_cell(r, 'hdpo')} | {_cell(r, 'diff')} | "
                      f"{format_p(r['p'])} |")
-    return (difficulty_line(difficulty) + "\n\n" + "Mean [95% interval], seeds and problems random (hdpo.stats' crossed model); HDPO − GRPO paired by "
-            "problem and seed. distilled_cliff: problems HDPO distilled at least once in every seed; "
-            "never_cliff: never a cliff in any run.\n\n" + "\n".join(lines) + "\n")
+    return (difficulty_line(difficulty) + "\n\nMean [95% interval], seeds and problems random (hdpo.stats' "
+            "crossed model); HDPO − GRPO paired by problem and seed. distilled_cliff: problems HDPO distilled at "
+            "least once in every seed; never_cliff: never a cliff in any run.\n\n" + "\n".join(lines) + "\n")
 
 
 def figure(rows: list[dict], problems: list[dict], metrics: pd.DataFrame, cfg: Config) -> Figure:
     grpo, hdpo = methods_of(cfg)
-    matplotlib.style.use(str(STYLE_FILE))
     fig = Figure(figsize=(7.0, 2.5), layout="constrained")
     axes = fig.subplots(1, 5, width_ratios=[1, 1, 1, 1, 1.3])
     frame = pd.DataFrame(problems)
@@ -147,12 +147,8 @@ def write(cfg: Config, root: str | Path, figures_dir: str | Path) -> list[Path]:
     atomic_write_text(out[1], markdown(rows, cfg, difficulty))
     with atomic_path(out[2]) as tmp:
         pd.DataFrame(problems).to_csv(tmp, index=False)
-    fig = figure(rows, problems, metrics, cfg)
-    fig.suptitle(difficulty_line(difficulty), fontsize=6)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        path = figures_dir / f"mechanism.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext)
-        out.append(path)
-    return out
+    with matplotlib.style.context(str(STYLE_FILE)):  # the report's style, without changing the process's
+        fig = figure(rows, problems, metrics, cfg)
+        fig.suptitle(difficulty_line(difficulty), fontsize=6)
+        return out + save_figure(fig, figures_dir, "mechanism")
